@@ -1,0 +1,71 @@
+"""Typed errors. Every error pema_triton raises on bad input is a :class:`PemaError`.
+
+Each says what was wrong and what to do; none is raised after a module or model has been changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "PemaError",
+    "PemaDTypeError",
+    "TokenIdError",
+    "IdOutOfRangeError",
+    "UnusedIdError",
+    "UsedIdsError",
+    "UnsupportedModuleError",
+    "BackendError",
+]
+
+# How many offending ids an error message lists before it says "and N more".
+_MAX_IDS_SHOWN = 10
+
+
+class PemaError(ValueError):
+    """Base class of every error pema_triton raises on bad input."""
+
+
+class PemaDTypeError(PemaError, TypeError):
+    """A tensor has a dtype the operation does not accept (float ids, an int weight, ...)."""
+
+
+class TokenIdError(PemaError):
+    """Token ids reaching a compact op that it cannot map to a compact row.
+
+    Attributes:
+        ids: the offending ids (sorted, unique, at most a few shown in the message).
+    """
+
+    def __init__(self, message: str, ids: Sequence[int]):
+        super().__init__(message)
+        self.ids = list(ids)
+
+
+class IdOutOfRangeError(TokenIdError):
+    """An id is outside [0, V) of the original vocabulary."""
+
+
+class UnusedIdError(TokenIdError):
+    """An id is inside the vocabulary but not in the used set the compact matrix holds."""
+
+
+class UsedIdsError(PemaError):
+    """The `used_ids` given to build a compact module are not sorted, unique int ids in [0, V)."""
+
+
+class UnsupportedModuleError(PemaError):
+    """A module (or a module option) that pema_triton cannot compact."""
+
+
+class BackendError(PemaError, RuntimeError):
+    """The requested backend cannot run here (e.g. `backend="triton"` on CPU without the interpreter)."""
+
+
+def format_ids(ids: Sequence[int]) -> str:
+    """`[3, 7, 9]`, or `[3, 7, ... (12 more)]` past :data:`_MAX_IDS_SHOWN` ids."""
+    ids = list(ids)
+    shown = ", ".join(str(i) for i in ids[:_MAX_IDS_SHOWN])
+    if len(ids) > _MAX_IDS_SHOWN:
+        shown += f", ... ({len(ids) - _MAX_IDS_SHOWN} more)"
+    return f"[{shown}]"

@@ -1,0 +1,226 @@
+"""Functional ops: autograd-aware compact lookup and the vocabulary scan, each choosing Triton or PyTorch.
+
+The lookup and its backward are `torch.library` custom ops (`triton_op` where Triton is installed), so
+`torch.compile` sees them as single nodes with a known output shape, and autograd is registered on the op.
+Everything that reads a value back to the host (the bad-id check) stays outside the ops.
+
+Backends (`backend=`):
+- "auto": Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1` was set before import;
+  PyTorch otherwise.
+- "triton": Triton or a :class:`~pema_triton.errors.BackendError`.
+- "torch": the pure-PyTorch reference (:mod:`pema_triton.reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import raise_for_bad_ids
+from .errors import BackendError, IdOutOfRangeError, format_ids
+
+try:
+    from . import kernels as _kernels
+    from .kernels.lookup import lookup_forward as _triton_lookup
+    from .kernels.scan import scan_ids as _triton_scan
+    from .kernels.scatter import scatter_backward as _triton_scatter
+
+    HAS_TRITON = True
+except ImportError:  # Triton is Linux-only; macOS and Windows users get the PyTorch path.
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = ["BACKENDS", "HAS_TRITON", "compact_embedding", "compact_embedding_backward", "scan_ids", "use_triton"]
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """Whether `backend` runs the Triton kernels for tensors on `device`.
+
+    Raises:
+        BackendError: `backend="triton"` where Triton cannot run, or an unknown backend name.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET))
+    if backend == "triton" and not runnable:
+        why = (
+            "Triton is not installed"
+            if not HAS_TRITON
+            else f"tensors on {device} need a CUDA device, or TRITON_INTERPRET=1 set before pema_triton is imported"
+        )
+        raise BackendError(f'backend="triton" cannot run here: {why}. Use backend="auto" or "torch".')
+    return runnable
+
+
+_custom_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
+
+
+@_custom_op("pema_triton::lookup", mutates_args=())
+def _lookup_op(
+    ids: torch.Tensor,
+    remap: torch.Tensor,
+    weight: torch.Tensor,
+    padding_row: int,
+    deterministic: bool,
+    use_kernels: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # padding_row and deterministic only matter to the backward; they are op inputs so autograd can see them.
+    if use_kernels:
+        return _triton_lookup(ids, remap, weight)
+    return reference.lookup(ids, remap, weight)
+
+
+@_lookup_op.register_fake
+def _(ids, remap, weight, padding_row, deterministic, use_kernels):
+    return weight.new_empty(*ids.shape, weight.shape[1]), weight.new_empty(1, dtype=torch.int32)
+
+
+@_custom_op("pema_triton::lookup_backward", mutates_args=())
+def _lookup_backward_op(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    remap: torch.Tensor,
+    num_rows: int,
+    padding_row: int,
+    deterministic: bool,
+    use_kernels: bool,
+) -> torch.Tensor:
+    if use_kernels:
+        return _triton_scatter(grad_out, ids, remap, num_rows, padding_row, deterministic)
+    return reference.lookup_backward(grad_out, ids, remap, num_rows, padding_row)
+
+
+@_lookup_backward_op.register_fake
+def _(grad_out, ids, remap, num_rows, padding_row, deterministic, use_kernels):
+    return grad_out.new_empty(num_rows, grad_out.shape[-1])
+
+
+def _setup_lookup_context(ctx, inputs, output):
+    ids, remap, weight, padding_row, deterministic, use_kernels = inputs
+    ctx.save_for_backward(ids, remap)
+    ctx.num_rows = weight.shape[0]
+    ctx.padding_row, ctx.deterministic, ctx.use_kernels = padding_row, deterministic, use_kernels
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lookup_backward(ctx, grad_out, _grad_num_bad):
+    ids, remap = ctx.saved_tensors
+    grad_weight = None
+    if ctx.needs_input_grad[2]:
+        grad_weight = _lookup_backward_op(
+            grad_out, ids, remap, ctx.num_rows, ctx.padding_row, ctx.deterministic, ctx.use_kernels
+        )
+    return None, None, grad_weight, None, None, None
+
+
+_lookup_op.register_autograd(_lookup_backward, setup_context=_setup_lookup_context)
+
+
+def compact_embedding(
+    ids: torch.Tensor,
+    remap: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    padding_row: int = -1,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Embeds original token ids with a compact matrix: `weight[remap[ids]]`, differentiable in `weight`.
+
+    Args:
+        ids: [*] original vocabulary ids, int32 or int64. Never rewritten.
+        remap: [V] int32, compact row of each used id, -1 for an unused one.
+        weight: [U, D] compact matrix, float32 / float16 / bfloat16 / float64.
+        padding_row: compact row that gets no gradient (`nn.Embedding`'s `padding_idx`), or -1.
+        backend: "auto", "triton" or "torch" (see module docstring).
+        deterministic: backward by sort + segmented sum instead of atomics; None follows
+            `torch.are_deterministic_algorithms_enabled()`.
+        check_ids: raise on ids without a compact row. Costs one device-to-host read of a flag per call;
+            with False such ids silently embed to zeros.
+
+    Returns:
+        [*ids.shape, D] in weight's dtype.
+
+    Raises:
+        IdOutOfRangeError: an id outside [0, V).
+        UnusedIdError: an id in [0, V) with no compact row.
+
+    Examples:
+        >>> used = torch.tensor([2, 5, 7]); remap = build_remap(used, vocab_size=10)
+        >>> compact_embedding(torch.tensor([[5, 7, 2]]), remap, torch.randn(3, 4)).shape
+        torch.Size([1, 3, 4])
+    """
+    use_kernels = use_triton(backend, weight.device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    out, num_bad = _lookup_op(ids, remap, weight, int(padding_row), bool(deterministic), use_kernels)
+    if check_ids and num_bad.item():
+        raise_for_bad_ids(ids, remap)
+    return out
+
+
+def compact_embedding_backward(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    remap: torch.Tensor,
+    num_rows: int,
+    *,
+    padding_row: int = -1,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """The weight gradient of :func:`compact_embedding`, called directly (benchmarks, custom autograd).
+
+    Args:
+        grad_out: [*ids.shape, D]; ids, remap: as in :func:`compact_embedding`; num_rows: U.
+
+    Returns:
+        [U, D] in grad_out's dtype, accumulated in float32. Nothing [V, D] is allocated.
+    """
+    use_kernels = use_triton(backend, grad_out.device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return _lookup_backward_op(grad_out, ids, remap, int(num_rows), int(padding_row), bool(deterministic), use_kernels)
+
+
+def scan_ids(
+    ids: torch.Tensor,
+    bitmap: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    *,
+    ignore_index: int | None = None,
+    backend: str = "auto",
+) -> None:
+    """Marks each id of `ids` in `bitmap` (and counts it); call once per chunk to stream a dataset.
+
+    Args:
+        ids: [*] token ids, int32 or int64, on bitmap's device.
+        bitmap: [V] uint8, set to 1 at every id seen (in place).
+        counts: [V] int64 occurrences, incremented in place, or None.
+        ignore_index: an id to skip (-100 for ignored labels), or None.
+        backend: "auto", "triton" or "torch".
+
+    Raises:
+        IdOutOfRangeError: an id (other than `ignore_index`) outside [0, V); nothing of that chunk is lost
+            for the valid ids, which are marked.
+    """
+    if use_triton(backend, bitmap.device):
+        num_bad = _triton_scan(ids, bitmap, counts, ignore_index)
+    else:
+        num_bad = reference.scan(ids, bitmap, counts, ignore_index)
+    if num_bad.item():
+        flat = ids.reshape(-1).long()
+        outside = (flat < 0) | (flat >= bitmap.numel())
+        if ignore_index is not None:
+            outside &= flat != ignore_index
+        bad = torch.unique(flat[outside]).tolist()
+        raise IdOutOfRangeError(
+            f"token ids {format_ids(bad)} are outside the vocabulary [0, {bitmap.numel()}); "
+            f"pass the tokenizer's full size (len(tokenizer)) as vocab_size",
+            bad,
+        )
+

@@ -1,0 +1,112 @@
+"""Pure-PyTorch versions of the three compact-embedding operations.
+
+They are the CPU path for users without a GPU and the oracle every Triton kernel is tested against, so they
+favour clarity over speed; each mirrors its kernel's contract exactly (shapes, dtypes, what counts as a bad id).
+
+Notation: V the original vocabulary size, U the number of used ids (rows of the compact matrix), D the
+embedding width, N the number of token ids in a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_lookup_inputs, check_scan_state, check_scatter_inputs
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gradients accumulate in float32 whatever the weight dtype (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compact_rows(ids: torch.Tensor, remap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact row of each id (int64, 0 where there is none) and the mask of ids that have one."""
+    flat = ids.reshape(-1).long()
+    in_range = (flat >= 0) & (flat < remap.numel())
+    rows = remap[torch.where(in_range, flat, 0)].long()
+    has_row = in_range & (rows >= 0)
+    return torch.where(has_row, rows, 0), has_row
+
+
+def lookup(ids: torch.Tensor, remap: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`out[..., :] = weight[remap[ids[...]], :]`.
+
+    Args:
+        ids: [*] original token ids, int32 or int64.
+        remap: [V] int32, the compact row of each used id and -1 for an unused one.
+        weight: [U, D] the compact matrix.
+
+    Returns:
+        out: [*ids.shape, D] in weight's dtype; zero where an id has no compact row.
+        num_bad: [1] int32, how many ids had no compact row (outside [0, V) or unused).
+    """
+    check_lookup_inputs(ids, remap, weight)
+    rows, has_row = _compact_rows(ids, remap)
+    out = weight.index_select(0, rows)
+    out = torch.where(has_row[:, None], out, out.new_zeros(()))
+    num_bad = (~has_row).sum().to(torch.int32).reshape(1)
+    return out.view(*ids.shape, weight.shape[1]), num_bad
+
+
+def lookup_backward(
+    grad_out: torch.Tensor, ids: torch.Tensor, remap: torch.Tensor, num_rows: int, padding_row: int = -1
+) -> torch.Tensor:
+    """Gradient of :func:`lookup` with respect to `weight`: every occurrence of a row summed.
+
+    Args:
+        grad_out: [*ids.shape, D] upstream gradient.
+        ids, remap: as in :func:`lookup`.
+        num_rows: U, rows of the compact matrix.
+        padding_row: a compact row that gets no gradient (`nn.Embedding`'s `padding_idx`), or -1.
+
+    Returns:
+        grad_weight: [U, D] in grad_out's dtype, accumulated in float32 (float64 for float64).
+    """
+    check_scatter_inputs(grad_out, ids, remap, num_rows)
+    dim = grad_out.shape[-1]
+    rows, has_row = _compact_rows(ids, remap)
+    keep = has_row & (rows != padding_row)
+    acc = torch.zeros(num_rows, dim, dtype=accumulation_dtype(grad_out.dtype), device=grad_out.device)
+    acc.index_add_(0, rows[keep], grad_out.reshape(-1, dim)[keep].to(acc.dtype))
+    return acc.to(grad_out.dtype)
+
+
+def scan(
+    ids: torch.Tensor,
+    bitmap: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
+    """Marks in `bitmap` every id of `ids`; adds their occurrences to `counts`. Streams: call per chunk.
+
+    Args:
+        ids: [*] token ids, int32 or int64.
+        bitmap: [V] uint8, set to 1 at each id seen (in place).
+        counts: [V] int64 occurrence counts, incremented in place, or None.
+        ignore_index: an id to skip silently (e.g. -100, the ignored label), or None.
+
+    Returns:
+        num_bad: [1] int32, how many ids (other than `ignore_index`) were outside [0, V); they are not marked.
+    """
+    check_scan_state(ids, bitmap, counts)
+    flat = ids.reshape(-1).long()
+    vocab_size = bitmap.numel()
+    valid = (flat >= 0) & (flat < vocab_size)
+    skipped = flat == ignore_index if ignore_index is not None else torch.zeros_like(valid)
+    seen = flat[valid]
+    bitmap[seen] = 1
+    if counts is not None:
+        counts += torch.bincount(seen, minlength=vocab_size).to(counts.dtype)
+    return (~valid & ~skipped).sum().to(torch.int32).reshape(1)
+
+
+def used_ids_from_bitmap(bitmap: torch.Tensor) -> torch.Tensor:
+    """[V] bitmap -> [U] sorted int64 ids whose entry is non-zero."""
+    return torch.nonzero(bitmap).flatten()
+
+
+def build_remap(used_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[U] sorted used ids -> [V] int32 table: `remap[used_ids[i]] = i`, -1 elsewhere."""
+    remap = torch.full((vocab_size,), -1, dtype=torch.int32, device=used_ids.device)
+    remap[used_ids] = torch.arange(used_ids.numel(), dtype=torch.int32, device=used_ids.device)
+    return remap

@@ -1,0 +1,34 @@
+"""Kernel tests run on CUDA where there is one, else on CPU under the Triton interpreter.
+
+TRITON_INTERPRET must be set before pema_triton (and so its @triton.jit kernels) is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pema_triton  # noqa: E402  (after TRITON_INTERPRET)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+# Backends every op test compares: the reference always, Triton where it can run (GPU, or the interpreter).
+BACKENDS = ["torch"] + (["triton"] if pema_triton.ops.use_triton("auto", DEVICE) else [])
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Makes torch.empty return NaN-filled (float) or -1-filled (int) tensors, so an output element that a
+    kernel never writes shows up in the comparison instead of hiding behind leftover zeros."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -1,0 +1,184 @@
+"""Compact lookup and its backward scatter: Triton against the PyTorch reference on shapes that hurt."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS, DEVICE, gpu_only
+
+import pema_triton
+from _cases import CASE_IDS, CASES, make_case, scatter_atol
+from pema_triton import reference
+from pema_triton.errors import BackendError, IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError
+
+pytestmark = pytest.mark.usefixtures("nan_empty")
+
+# bf16 atomics are not needed (the scatter accumulates in fp32), so bf16 runs under the interpreter too.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+ID_DTYPES = [torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)
+def test_lookup_matches_full_embedding(name, V, U, D, shape, how, dtype, id_dtype, backend):
+    used, remap, ids = make_case(V, U, shape, how, id_dtype, DEVICE)
+    full = torch.randn(V, D, device=DEVICE).to(dtype)
+    weight = full[used]
+
+    tri = pema_triton.compact_embedding(ids, remap, weight, backend=backend)
+    ref = F.embedding(ids.long(), full)
+
+    assert tri.shape == (*shape, D) and tri.dtype == dtype
+    assert torch.equal(tri, ref)  # a gather: exact, and NaN-free only if every element was written
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)
+def test_backward_triton_matches_reference(name, V, U, D, shape, how, dtype, id_dtype, deterministic):
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton cannot run here")
+    used, remap, ids = make_case(V, U, shape, how, id_dtype, DEVICE)
+    grad_out = torch.randn(*shape, D, device=DEVICE).to(dtype)
+    padding_row = U // 2 if name == "D97" else -1
+
+    ref = reference.lookup_backward(grad_out, ids, remap, U, padding_row)
+    tri = pema_triton.compact_embedding_backward(
+        grad_out, ids, remap, U, padding_row=padding_row, backend="triton", deterministic=deterministic
+    )
+
+    assert tri.shape == (U, D) and tri.dtype == dtype
+    torch.testing.assert_close(tri, ref, atol=scatter_atol(grad_out, ids, dtype), rtol=0)
+    if padding_row >= 0:
+        assert torch.all(tri[padding_row] == 0)
+    if deterministic:
+        again = pema_triton.compact_embedding_backward(
+            grad_out, ids, remap, U, padding_row=padding_row, backend="triton", deterministic=True
+        )
+        assert torch.equal(tri, again)
+
+
+@pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)
+def test_reference_backward_equals_used_rows_of_full_gradient(name, V, U, D, shape, how):
+    used, remap, ids = make_case(V, U, shape, how, torch.int64, DEVICE)
+    full = torch.randn(V, D, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(*shape, D, device=DEVICE, dtype=torch.float64)
+    F.embedding(ids, full).backward(grad_out)
+
+    ref = reference.lookup_backward(grad_out, ids, remap, U)
+
+    torch.testing.assert_close(ref, full.grad[used])
+    unused = torch.ones(V, dtype=torch.bool, device=DEVICE)
+    unused[used] = False
+    assert torch.all(full.grad[unused] == 0)  # what makes PEMA exact on the input side
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_gradient_equals_reference(dtype, backend):
+    used, remap, ids = make_case(300, 37, (4, 33), "random", torch.int64, DEVICE)
+    weight = torch.randn(37, 97, device=DEVICE).to(dtype).requires_grad_()
+    grad_out = torch.randn(4, 33, 97, device=DEVICE).to(dtype)
+
+    pema_triton.compact_embedding(ids, remap, weight, backend=backend).backward(grad_out)
+
+    ref = reference.lookup_backward(grad_out, ids, remap, 37)
+    torch.testing.assert_close(weight.grad, ref, atol=scatter_atol(grad_out, ids, dtype), rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gradcheck_float64(backend, deterministic):
+    used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
+    ids[0, :3] = used[4]  # a repeated row, so accumulation is exercised
+    weight = torch.randn(11, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+
+    def fn(w):
+        return pema_triton.compact_embedding(ids, remap, w, backend=backend, deterministic=deterministic)
+
+    assert torch.autograd.gradcheck(fn, (weight,))
+
+
+def test_deterministic_algorithms_select_the_sorted_backward(monkeypatch):
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton cannot run here")
+    seen = []
+    real = pema_triton.ops._triton_scatter
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(pema_triton.ops, "_triton_scatter", spy)
+    used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
+    weight = torch.randn(11, 5, device=DEVICE, requires_grad=True)
+    pema_triton.compact_embedding(ids, remap, weight, backend="triton").sum().backward()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        pema_triton.compact_embedding(ids, remap, weight, backend="triton").sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_ids_raise_typed_errors_naming_them(backend):
+    used, remap, ids = make_case(100, 10, (2, 5), "random", torch.int64, DEVICE)
+    weight = torch.randn(10, 8, device=DEVICE)
+    unused = next(i for i in range(100) if i not in used.tolist())
+
+    with pytest.raises(IdOutOfRangeError, match=r"\[-3, 100\].*outside the vocabulary \[0, 100\)") as err:
+        pema_triton.compact_embedding(torch.tensor([used[0], 100, -3], device=DEVICE), remap, weight, backend=backend)
+    assert err.value.ids == [-3, 100]
+    with pytest.raises(UnusedIdError, match=rf"\[{unused}\].*not in the used vocabulary") as err:
+        pema_triton.compact_embedding(torch.tensor([[unused]], device=DEVICE), remap, weight, backend=backend)
+    assert err.value.ids == [unused]
+    with pytest.raises(PemaDTypeError, match="int32 or int64"):
+        pema_triton.compact_embedding(ids.float(), remap, weight, backend=backend)
+    with pytest.raises(PemaDTypeError, match="remap must be a 1-D int32"):
+        pema_triton.compact_embedding(ids, remap.long(), weight, backend=backend)
+    with pytest.raises(PemaDTypeError, match="weight must be float"):
+        pema_triton.compact_embedding(ids, remap, weight.long(), backend=backend)
+    # check_ids=False trades the check for no host sync: bad ids embed to zeros and never read out of bounds.
+    out = pema_triton.compact_embedding(
+        torch.tensor([100, unused], device=DEVICE), remap, weight, backend=backend, check_ids=False
+    )
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_triton_backend_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
+    if not pema_triton.HAS_TRITON:
+        with pytest.raises(BackendError, match="not installed"):
+            pema_triton.ops.use_triton("triton", torch.device("cpu"))
+        return
+    monkeypatch.setattr(pema_triton.ops._kernels, "INTERPRET", False)
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        pema_triton.ops.use_triton("triton", torch.device("cpu"))
+    assert pema_triton.ops.use_triton("auto", torch.device("cpu")) is False
+    with pytest.raises(BackendError, match="backend must be one of"):
+        pema_triton.ops.use_triton("cuda", torch.device("cpu"))
+    assert isinstance(BackendError("x"), PemaError)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_offsets_past_2_31_elements(dtype):
+    """N * D > 2**31: int32 offsets would wrap; 2**19 tokens x D=4160 = 2.18e9 elements (4.4 GB in bf16)."""
+    V, U, D, N = 4096, 1024, 4160, 1 << 19
+    used, remap, _ = make_case(V, U, (1,), "random", torch.int64, DEVICE)
+    weight = torch.randn(U, D, device=DEVICE).to(dtype)
+    ids = used[torch.randint(0, U, (N,), device=DEVICE)]
+    ids[-1] = used[-1]
+    out = pema_triton.compact_embedding(ids, remap, weight, backend="triton")
+    assert N * D > 2**31
+    assert torch.equal(out[-1], weight[-1]) and torch.equal(out[N // 2], weight[remap[ids[N // 2]].long()])
+    del out
+    grad = torch.ones(N, D, device=DEVICE, dtype=dtype)
+    tri = pema_triton.compact_embedding_backward(grad, ids, remap, U, backend="triton")
+    counts = torch.bincount(remap[ids].long(), minlength=U).to(torch.float32)
+    torch.testing.assert_close(tri[:, -1].float(), counts.to(dtype).float())
+
+
