@@ -1,0 +1,14 @@
+# The README's quick start: `make demo` and `make test` each set up .venv first (idempotent, fast when done).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test
+setup:
+	VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	$(PY) examples/demo.py
+
+# Without a GPU the Triton kernels run on CPU under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)

