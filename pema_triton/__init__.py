@@ -5,37 +5,52 @@ LM head) to the U used rows, fine-tune, merge the rows back.
 """
 
 from .errors import (
+    AlreadyCompactedError,
     BackendError,
     IdOutOfRangeError,
+    NotCompactedError,
     PemaDTypeError,
     PemaError,
+    PemaWarning,
     TokenIdError,
     UnsupportedModuleError,
     UnusedIdError,
     UsedIdsError,
+    VocabularySizeError,
 )
 from .modules import CompactEmbedding, CompactLMHead
 from .ops import HAS_TRITON, compact_embedding, compact_embedding_backward, scan_ids
 from .reference import build_remap
-from .vocab import VocabularyScan
+from .replace import PemaHandle, get_handle, replace_embeddings, restore_embeddings
+from .vocab import VocabularyScan, scan_vocabulary, special_token_ids
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyCompactedError",
     "BackendError",
     "CompactEmbedding",
     "CompactLMHead",
     "HAS_TRITON",
     "IdOutOfRangeError",
+    "NotCompactedError",
     "PemaDTypeError",
     "PemaError",
+    "PemaHandle",
+    "PemaWarning",
     "TokenIdError",
     "UnsupportedModuleError",
     "UnusedIdError",
     "UsedIdsError",
     "VocabularyScan",
+    "VocabularySizeError",
     "build_remap",
     "compact_embedding",
     "compact_embedding_backward",
+    "get_handle",
+    "replace_embeddings",
+    "restore_embeddings",
     "scan_ids",
+    "scan_vocabulary",
+    "special_token_ids",
 ]

@@ -16,6 +16,10 @@ __all__ = [
     "UsedIdsError",
     "UnsupportedModuleError",
     "BackendError",
+    "AlreadyCompactedError",
+    "NotCompactedError",
+    "VocabularySizeError",
+    "PemaWarning",
 ]
 
 # How many offending ids an error message lists before it says "and N more".
@@ -60,6 +64,22 @@ class UnsupportedModuleError(PemaError):
 
 class BackendError(PemaError, RuntimeError):
     """The requested backend cannot run here (e.g. `backend="triton"` on CPU without the interpreter)."""
+
+
+class AlreadyCompactedError(PemaError):
+    """`replace_embeddings` on a model that is already compacted."""
+
+
+class NotCompactedError(PemaError):
+    """`restore_embeddings` on a model that `replace_embeddings` did not compact."""
+
+
+class VocabularySizeError(PemaError):
+    """A checkpoint (or tensor) whose vocabulary size differs from the compacted model's V."""
+
+
+class PemaWarning(UserWarning):
+    """Something likely unintended that is not an error (e.g. used ids missing the pad token)."""
 
 
 def format_ids(ids: Sequence[int]) -> str:

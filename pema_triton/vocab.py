@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -11,7 +11,7 @@ from .errors import PemaError
 from .ops import scan_ids, use_triton
 from .reference import build_remap, used_ids_from_bitmap
 
-__all__ = ["VocabularyScan"]
+__all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids"]
 
 
 class VocabularyScan:
@@ -60,6 +60,16 @@ class VocabularyScan:
         self.num_tokens += ids.numel()
         return self
 
+    def grow(self, vocab_size: int) -> VocabularyScan:
+        """Enlarges the map to `vocab_size` ids (no-op if already that large); for scans of unknown V."""
+        if vocab_size > self.vocab_size:
+            extra = vocab_size - self.vocab_size
+            self.bitmap = torch.cat([self.bitmap, self.bitmap.new_zeros(extra)])
+            if self.counts is not None:
+                self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+            self.vocab_size = vocab_size
+        return self
+
     def update_all(self, chunks: Iterable[torch.Tensor]) -> VocabularyScan:
         for ids in chunks:
             self.update(ids)
@@ -84,3 +94,139 @@ class VocabularyScan:
 
     def __repr__(self) -> str:
         return f"VocabularyScan(vocab_size={self.vocab_size}, num_used={self.num_used}, num_tokens={self.num_tokens})"
+
+
+_SPECIAL_TOKENS = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Sorted ids of a tokenizer's special tokens: pad, unk, bos, eos, mask, cls, sep and the added specials.
+
+    Pass them as `keep` so a compacted model can still pad, start, stop and mask whatever the data held.
+    """
+    ids = {getattr(tokenizer, f"{name}_token_id", None) for name in _SPECIAL_TOKENS}
+    ids.update(getattr(tokenizer, "all_special_ids", []) or [])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def _is_datasets(source, kind: str) -> bool:
+    """isinstance against a `datasets` class without importing datasets (an optional dependency)."""
+    return any(cls.__module__.startswith("datasets") and cls.__name__ == kind for cls in type(source).__mro__)
+
+
+def _arrow_ids(column) -> torch.Tensor:
+    """Flattens a pyarrow (chunked) list column of token ids, however nested, into one int64 tensor."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        while pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+            chunk = chunk.flatten()
+        parts.append(torch.from_numpy(chunk.to_numpy(zero_copy_only=False).astype("int64", copy=False)))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def _chunks(source, columns: tuple[str, ...], batch_size: int):
+    """Yields int tensors of token ids from any supported source (see :func:`scan_vocabulary`)."""
+    if isinstance(source, torch.Tensor):
+        yield source
+    elif _is_datasets(source, "DatasetDict") or _is_datasets(source, "IterableDatasetDict"):
+        for split in source.values():
+            yield from _chunks(split, columns, batch_size)
+    elif _is_datasets(source, "Dataset"):
+        present = [c for c in columns if c in source.column_names]
+        if not present:
+            raise PemaError(f"dataset has none of the columns {columns}; its columns are {source.column_names}")
+        # Arrow batches respect shuffles and selections (indices mappings) and flatten without Python loops.
+        for table in source.with_format("arrow").iter(batch_size=batch_size):
+            for name in present:
+                yield _arrow_ids(table[name])
+    elif isinstance(source, Mapping):
+        present = [c for c in columns if c in source]
+        if not present:
+            raise PemaError(f"batch has none of the columns {columns}; its keys are {list(source)}")
+        for name in present:
+            yield _as_ids(source[name])
+    elif isinstance(source, (list, tuple)) and source and isinstance(source[0], int):
+        yield torch.tensor(source)
+    elif isinstance(source, Iterable):
+        for item in source:
+            yield from _chunks(item, columns, batch_size)
+    else:
+        raise PemaError(f"cannot scan a {type(source).__name__}: give tensors, dict batches, a DataLoader or a dataset")
+
+
+def _as_ids(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):  # ragged lists
+        return torch.tensor([i for row in value for i in row], dtype=torch.int64)
+    return torch.as_tensor(value)
+
+
+def scan_vocabulary(
+    source,
+    vocab_size: int | None = None,
+    *,
+    columns: Iterable[str] | str = ("input_ids",),
+    keep: Iterable[int] = (),
+    ignore_index: int | None = -100,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+    batch_size: int = 10_000,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """The sorted token ids a dataset uses, for :func:`pema_triton.replace_embeddings`.
+
+    Args:
+        source: a tensor of ids; an iterable of tensors or of dict batches (`BatchEncoding` included); a
+            `torch.utils.data.DataLoader`; a `datasets.Dataset`, or a `DatasetDict` (every split is scanned:
+            the model will see them all).
+        vocab_size: V, e.g. `len(tokenizer)`; None grows the map to the largest id seen.
+        columns: the batch / dataset columns holding ids; add "labels" where labels are token ids.
+        keep: ids that must stay whatever the data holds, e.g. :func:`special_token_ids`.
+        ignore_index: an id skipped everywhere (-100, the ignored label), or None.
+        device: where to scan; default CUDA when available (the Triton scan), else CPU (vectorised PyTorch).
+        backend: "auto", "triton" or "torch".
+        batch_size: rows per Arrow batch for datasets.
+        progress: show a tqdm bar (default: when the source has a length and tqdm is installed).
+
+    Returns:
+        [U] sorted int64 ids.
+
+    Examples:
+        >>> used = scan_vocabulary(dataset_dict, len(tokenizer), columns=("input_ids", "labels"),
+        ...                        keep=special_token_ids(tokenizer))
+    """
+    columns = (columns,) if isinstance(columns, str) else tuple(columns)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    keep = [int(i) for i in keep]
+    size = vocab_size if vocab_size is not None else max(keep, default=-1) + 1
+    scan = VocabularyScan(max(size, 1), device=device, ignore_index=ignore_index, backend=backend)
+    chunks = _chunks(source, columns, batch_size)
+    bar = _progress(source, progress)
+    for ids in chunks:
+        ids = torch.as_tensor(ids)
+        if vocab_size is None and ids.numel():
+            scan.grow(int(ids.max()) + 1)
+        scan.update(ids)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return scan.used_ids(keep=keep).cpu()
+
+
+def _progress(source, progress: bool | None):
+    if progress is False:
+        return None
+    total = len(source) if hasattr(source, "__len__") and not isinstance(source, torch.Tensor) else None
+    if progress is None and (total is None or total < 100):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="scanning vocabulary", unit="batch")
