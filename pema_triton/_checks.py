@@ -58,7 +58,7 @@ def check_scatter_inputs(grad_out: torch.Tensor, ids: torch.Tensor, remap: torch
         raise PemaError(f"num_rows must be at least 1, got {num_rows}")
 
 
-def raise_for_bad_ids(ids: torch.Tensor, remap: torch.Tensor) -> None:
+def raise_for_bad_ids(ids: torch.Tensor, remap: torch.Tensor, what: str = "token ids") -> None:
     """Raises the typed error naming every id of `ids` that has no compact row; returns if there is none.
 
     Called only after a kernel reported bad ids, so the extra pass costs nothing on the good path.
@@ -69,7 +69,7 @@ def raise_for_bad_ids(ids: torch.Tensor, remap: torch.Tensor) -> None:
     if outside.numel():
         bad = torch.unique(outside).tolist()
         raise IdOutOfRangeError(
-            f"token ids {format_ids(bad)} are outside the vocabulary [0, {vocab_size}); "
+            f"{what} {format_ids(bad)} are outside the vocabulary [0, {vocab_size}); "
             f"check that the tokenizer matches the model",
             bad,
         )
@@ -77,7 +77,7 @@ def raise_for_bad_ids(ids: torch.Tensor, remap: torch.Tensor) -> None:
     if unused.numel():
         bad = torch.unique(unused).tolist()
         raise UnusedIdError(
-            f"token ids {format_ids(bad)} are not in the used vocabulary this compact embedding holds "
+            f"{what} {format_ids(bad)} are not in the used vocabulary the compacted model holds "
             f"(U={int((remap >= 0).sum())} of V={vocab_size}); scan every split the model will see, "
             f"or pass these ids in `keep`",
             bad,

@@ -417,26 +417,34 @@ def _restrict(model, handle):
         return args, kwargs
 
     handle._hooks.append(model.register_forward_pre_hook(remap_labels, with_kwargs=True))
-    if hasattr(model, "generate"):
-        generate = model.generate
+    for method in ("generate", "save_pretrained"):
+        if hasattr(model, method):
+            setattr(model, method, _with_full_vocabulary(handle, getattr(model, method)))
 
-        def generate_with_full_vocabulary(*args, **kwargs):
-            # generate() picks argmax / samples over logit columns and feeds the picks back as input ids, so it must
-            # see V columns indexed by original ids: unused ids get the lowest logit and are never chosen.
-            heads = [handle._module(path) for path, _ in handle.heads]
+
+def _with_full_vocabulary(handle, method):
+    """Runs `method` with V-column logits and `config.vocab_size = V`, then goes back to restricted.
+
+    generate() picks argmax / samples over logit columns and feeds the picks back as input ids, so it must see V
+    columns indexed by original ids (unused ids get the lowest logit and are never chosen); save_pretrained
+    writes full-vocabulary tensors, so its config must say V too.
+    """
+
+    def wrapper(*args, **kwargs):
+        heads = [handle._module(path) for path, _ in handle.heads]
+        for head in heads:
+            head.expand_output = True
+        for cfg in handle._vocab_configs:
+            cfg.vocab_size = handle.vocab_size
+        try:
+            return method(*args, **kwargs)
+        finally:
             for head in heads:
-                head.expand_output = True
+                head.expand_output = False
             for cfg in handle._vocab_configs:
-                cfg.vocab_size = vocab_size
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                for head in heads:
-                    head.expand_output = False
-                for cfg in handle._vocab_configs:
-                    cfg.vocab_size = handle.num_used
+                cfg.vocab_size = handle.num_used
 
-        model.generate = generate_with_full_vocabulary
+    return wrapper
 
 
 def remap_labels_to_columns(labels: torch.Tensor, remap: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -449,7 +457,7 @@ def remap_labels_to_columns(labels: torch.Tensor, remap: torch.Tensor, ignore_in
     real = labels[~ignored]
     in_vocab = (real >= 0) & (real < remap.numel())
     if not bool(in_vocab.all()) or bool((remap[real[in_vocab]] < 0).any()):
-        raise_for_bad_ids(real, remap)
+        raise_for_bad_ids(real, remap, what="labels")
     columns = remap[torch.where(ignored, 0, labels)].to(labels.dtype)
     return torch.where(ignored, labels, columns)
 
@@ -537,8 +545,8 @@ def _undo(model, handle, merge):
     for hook in handle._hooks:
         hook.remove()
     handle._hooks.clear()
-    if "generate" in model.__dict__:
-        del model.generate
+    for method in ("generate", "save_pretrained"):
+        model.__dict__.pop(method, None)
     for cfg in handle._vocab_configs:
         cfg.vocab_size = handle.vocab_size
     for module, name, original in handle._logit_buffers:

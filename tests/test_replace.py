@@ -10,6 +10,12 @@ from pema_triton import (
     CompactEmbedding,
     CompactLMHead,
     NotCompactedError,
+    PemaError,
+    PemaWarning,
+    UnsupportedModuleError,
+    UnusedIdError,
+    UsedIdsError,
+    VocabularySizeError,
     get_handle,
     replace_embeddings,
     restore_embeddings,
@@ -92,3 +98,197 @@ def test_double_replace_and_restore_without_replace_are_typed_errors():
     with pytest.raises(AlreadyCompactedError, match="already compacted"):
         replace_embeddings(model, used)
     restore_embeddings(model)
+
+
+class _NoEmbeddings(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+
+class _BypassingEmbedding(torch.nn.Embedding):
+    """An embedding subclass that reads its weight directly instead of through nn.Embedding.forward."""
+
+    def forward(self, ids):
+        return torch.nn.functional.embedding(ids, self.weight) * 2
+
+
+def _assert_unchanged(model, before, structure):
+    assert get_handle(model) is None
+    assert _structure(model) == structure
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+def test_bad_models_are_typed_errors_naming_the_module_and_change_nothing():
+    with pytest.raises(UnsupportedModuleError, match="_NoEmbeddings has no input embedding"):
+        replace_embeddings(_NoEmbeddings(), [0, 1])
+
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    before, structure = _snapshot(model), _structure(model)
+    model.model.embed_tokens = torch.nn.Sequential(model.model.embed_tokens)  # not an nn.Embedding
+    with pytest.raises(UnsupportedModuleError, match=r"'model.embed_tokens' .* is a Sequential"):
+        replace_embeddings(model, used)
+    model.model.embed_tokens = model.model.embed_tokens[0]
+    _assert_unchanged(model, before, structure)
+
+    # A subclass whose forward bypasses nn.Embedding.forward would silently read wrong rows: the probe refuses it
+    # and rolls back the head that was already converted.
+    model.model.embed_tokens.__class__ = _BypassingEmbedding
+    with pytest.raises(UnsupportedModuleError, match=r"'model.embed_tokens' \(_BypassingEmbedding\) gives different"):
+        replace_embeddings(model, used)
+    assert type(model.model.embed_tokens) is _BypassingEmbedding
+    model.model.embed_tokens.__class__ = torch.nn.Embedding
+    _assert_unchanged(model, before, structure)
+
+
+def test_output_false_compacts_the_input_only_and_refuses_to_untie():
+    model = tiny_models.build("gpt2")  # tied
+    used, _ = tiny_models.used_ids_and_batch(model)
+    before, structure = _snapshot(model), _structure(model)
+    with pytest.raises(PemaError, match="silently untying them"):
+        replace_embeddings(model, used, output=False)
+    _assert_unchanged(model, before, structure)
+
+    untied = tiny_models.build("llama-untied")
+    replace_embeddings(untied, tiny_models.used_ids_and_batch(untied)[0], output=False)
+    assert isinstance(untied.get_input_embeddings(), CompactEmbedding)
+    assert type(untied.get_output_embeddings()) is torch.nn.Linear
+    restore_embeddings(untied)
+
+
+def test_used_ids_missing_special_tokens_warn_and_bad_used_ids_change_nothing():
+    model = tiny_models.build("llama-untied")
+    before, structure = _snapshot(model), _structure(model)
+    with pytest.warns(PemaWarning, match=r"lack special tokens \{'pad_token_id': 0\}|lack special tokens"):
+        replace_embeddings(model, [3, 4, 5])
+    restore_embeddings(model)
+    with pytest.raises(UsedIdsError, match="sorted"):
+        replace_embeddings(model, [5, 4, 3])
+    with pytest.raises(UsedIdsError, match=r"\[97\] are outside"):
+        replace_embeddings(model, [3, 97])
+    _assert_unchanged(model, before, structure)
+
+
+@pytest.mark.parametrize("output", ["frozen", "restricted"])
+def test_a_batch_outside_the_scanned_set_names_the_ids(output):
+    model = tiny_models.build("qwen2")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, output=output)
+    unused = [i for i in range(tiny_models.V) if i not in used.tolist()][:2]
+    bad = ids.clone()
+    bad[0, :2] = torch.tensor(unused)
+    with pytest.raises(UnusedIdError, match=rf"token ids \[{unused[0]}, {unused[1]}\] are not in the used vocabulary"):
+        model(input_ids=bad)
+    if output == "restricted":
+        with pytest.raises(UnusedIdError, match=rf"labels \[{unused[0]}, {unused[1]}\]"):
+            model(input_ids=ids, labels=bad)
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "bert-mlm", "t5-shared"])
+def test_restricted_builtin_loss_uses_remapped_labels(name):
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    labels = ids.clone()
+    labels[:, :2] = -100  # ignored labels pass through
+    with torch.no_grad():
+        full_logits = tiny_models.call(model, ids)
+    # The restricted objective: cross-entropy under a softmax over the used ids only, labels as positions in `used`.
+    masked = torch.full_like(full_logits, torch.finfo(full_logits.dtype).min)
+    masked[..., used] = full_logits[..., used]
+    if model.config.is_encoder_decoder:
+        with torch.no_grad():
+            decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            masked_logits = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        masked = torch.full_like(masked_logits, torch.finfo(masked_logits.dtype).min)
+        masked[..., used] = masked_logits[..., used]
+        expected = torch.nn.functional.cross_entropy(masked.reshape(-1, tiny_models.V), labels.reshape(-1))
+    elif name == "bert-mlm":
+        expected = torch.nn.functional.cross_entropy(masked.reshape(-1, tiny_models.V), labels.reshape(-1))
+    else:
+        expected = torch.nn.functional.cross_entropy(masked[:, :-1].reshape(-1, tiny_models.V), labels[:, 1:].reshape(-1))
+
+    replace_embeddings(model, used, output="restricted")
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2", "t5-shared"])
+def test_generate_while_restricted_emits_only_used_original_ids(name):
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, output="restricted")
+    out = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=int(used[0]))
+    assert out.shape[-1] > 4 if not model.config.is_encoder_decoder else out.shape[-1] > 1
+    assert set(out.flatten().tolist()) <= set(used.tolist())
+    assert model.config.vocab_size == len(used)  # back to restricted after generate
+    # Greedy decoding under the restricted head is greedy decoding of the original over the used ids.
+    restore_embeddings(model)
+    assert "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("output", ["frozen", "restricted"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-untied", "bert-mlm"])
+def test_checkpoints_are_full_vocabulary_and_load_back(name, output, tmp_path):
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    pristine = _snapshot(model)
+    replace_embeddings(model, used, output=output)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # "training"
+    model.save_pretrained(tmp_path)
+    trained = model.state_dict()
+
+    reloaded = type(model).from_pretrained(tmp_path).eval()  # plain transformers, no pema_triton
+    assert reloaded.config.vocab_size == tiny_models.V
+    for key, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[key].to(tensor.device)), key
+
+    # Loading the pristine full checkpoint into the compacted model brings back every row, used or not.
+    model.load_state_dict(pristine)
+    restore_embeddings(model)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, pristine[key]), key
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused():
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used)
+    state = model.state_dict()
+    state["model.embed_tokens.weight"] = torch.zeros(tiny_models.V + 3, 32)
+    with pytest.raises(VocabularySizeError, match=r"\(100, 32\).*V=97"):
+        model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("output", ["frozen", "restricted"])
+def test_hf_trainer_trains_saves_and_resumes(output, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    gen = torch.Generator().manual_seed(3)
+    rows = [used[torch.randint(0, len(used), (12,), generator=gen)].tolist() for _ in range(16)]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+    def trained(resume_from=None, max_steps=6):
+        torch.manual_seed(0)
+        m = tiny_models.build("llama-untied")
+        replace_embeddings(m, used, output=output)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "run"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+            weight_decay=0.0, save_steps=3, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+            data_seed=0, seed=0,
+        )
+        trainer = transformers.Trainer(model=m, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume_from)
+        restore_embeddings(m)
+        return m, trainer
+
+    straight, trainer = trained()
+    assert trainer.state.log_history[0]["loss"] > trainer.state.log_history[-2]["loss"]  # it learned something
+    resumed, _ = trained(resume_from=str(tmp_path / "run" / "checkpoint-3"))
+    for (key, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=key)

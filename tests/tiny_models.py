@@ -33,7 +33,7 @@ def build(name: str, seed: int = 0):
         "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**_kw(num_key_value_heads=2))),
         "gemma-scaled-embedding": lambda: T.GemmaForCausalLM(T.GemmaConfig(**_kw(num_key_value_heads=2, head_dim=16))),
         "t5-shared": lambda: T.T5ForConditionalGeneration(
-            T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2)),
+            T.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2, decoder_start_token_id=0)),
         "bart-logits-bias": lambda: T.BartForConditionalGeneration(T.BartConfig(
             vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37)),
