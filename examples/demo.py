@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from assets import load_bbc_news, minilm_dir  # noqa: E402
 
 import pema_triton  # noqa: E402
-from pema_triton import CompactEmbedding, VocabularyScan  # noqa: E402
+from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,10 +59,9 @@ def fine_tune(args, use_pema: bool, batches, test_batches, used_ids, device):
 
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=5).to(device)
-    original = model.get_input_embeddings()
     if use_pema:
-        model.set_input_embeddings(CompactEmbedding(original, used_ids))
-        original.to("cpu")  # the full matrix waits in host memory until the trained rows are merged back
+        # The input embedding becomes a CompactEmbedding over the used rows; the full matrix waits on the CPU.
+        print(replace_embeddings(model, used_ids))
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=args.lr, weight_decay=0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,11 +83,8 @@ def fine_tune(args, use_pema: bool, batches, test_batches, used_ids, device):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    if use_pema:  # merge the trained rows into the full matrix and put the original module back
-        compact = model.get_input_embeddings()
-        original.to(device)
-        compact.merge_into(original.weight.data)
-        model.set_input_embeddings(original)
+    if use_pema:
+        restore_embeddings(model)  # trained rows merged back into the full matrix, the original module back
 
     model.eval()
     correct = 0
@@ -131,9 +127,8 @@ def main(argv=None):
 
     batches, test_batches = batched(train_x, train_y), batched(test_x, test_y)
     # Every split the model will see, plus the special tokens: an id missing here would be an error at test time.
-    scan = VocabularyScan(len(tokenizer), device=device)
-    scan.update_all(b[0] for b in batches + test_batches)
-    used_ids = scan.used_ids(keep=tokenizer.all_special_ids)
+    used_ids = scan_vocabulary([b[0] for b in batches + test_batches], len(tokenizer),
+                               keep=special_token_ids(tokenizer), device=device)
     vocab_size, num_used = len(tokenizer), used_ids.numel()
     kernels = "Triton" if pema_triton.ops.use_triton("auto", device) else "PyTorch reference"
     print(f"MiniLM on BBC News ({len(topics)} topics): {args.train} train / {args.test} test articles, "

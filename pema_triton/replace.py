@@ -17,8 +17,8 @@ While compacted:
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -495,19 +495,17 @@ def _register_checkpoint_hooks(model, handle):
                     (module.full_weight if name == "weight" else module.full_bias).copy_(full)
             state_dict[key] = full.index_select(0, used.to(full.device))  # what the compact Parameter loads
 
+    def alias_slots(name, _module):
+        return [(name, "head_bias")]
+
     for path, _ in handle.embeddings + handle.heads:
         module = handle._module(path)
-        handle._hooks.append(module._register_state_dict_hook(save_hook))
-        handle._hooks.append(module._register_load_state_dict_pre_hook(load_hook, with_module=True))
+        handle._hooks.append(module.register_state_dict_post_hook(save_hook))
+        handle._hooks.append(module.register_load_state_dict_pre_hook(load_hook))
     for module, name in handle._bias_aliases:
-        def alias_slots(_module, name=name):
-            return [(name, "head_bias")]
-
-        handle._hooks.append(module._register_state_dict_hook(
-            lambda m, sd, p, lm, f=alias_slots: save_hook(m, sd, p, lm, which_of=f)))
-        handle._hooks.append(module._register_load_state_dict_pre_hook(
-            lambda m, sd, p, lm, s, mi, u, e, f=alias_slots: load_hook(m, sd, p, lm, s, mi, u, e, which_of=f),
-            with_module=True))
+        which_of = functools.partial(alias_slots, name)
+        handle._hooks.append(module.register_state_dict_post_hook(functools.partial(save_hook, which_of=which_of)))
+        handle._hooks.append(module.register_load_state_dict_pre_hook(functools.partial(load_hook, which_of=which_of)))
     for module, name, original in handle._logit_buffers:
         def restore_buffer(m, sd, prefix, lm, name=name, original=original):
             if prefix + name in sd:
@@ -519,8 +517,8 @@ def _register_checkpoint_hooks(model, handle):
                     original.copy_(sd[prefix + name])
                 sd[prefix + name] = original.index_select(-1, used.to(original.device))
 
-        handle._hooks.append(module._register_state_dict_hook(restore_buffer))
-        handle._hooks.append(module._register_load_state_dict_pre_hook(shrink_buffer, with_module=True))
+        handle._hooks.append(module.register_state_dict_post_hook(restore_buffer))
+        handle._hooks.append(module.register_load_state_dict_pre_hook(shrink_buffer))
 
 
 def restore_embeddings(model: nn.Module) -> nn.Module:
