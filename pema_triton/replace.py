@@ -253,7 +253,8 @@ def replace_embeddings(
     embedding = _input_embedding(model)
     input_weight = embedding.weight
     vocab_size, dim = input_weight.shape
-    used = check_used_ids(used_ids, vocab_size, input_weight.device)
+    used_host = check_used_ids(used_ids, vocab_size)
+    used = used_host.to(input_weight.device)
 
     holders = _holders(model, input_weight)
     foreign = [(m, n) for m, n in holders if not isinstance(m, (nn.Embedding, nn.Linear)) or n != "weight"]
@@ -297,7 +298,7 @@ def replace_embeddings(
             f"output embedding; use output=False only on untied models"
         )
 
-    missing = _missing_special_ids(model, used, vocab_size, tokenizer)
+    missing = _missing_special_ids(model, used_host, vocab_size, tokenizer)
     if missing:
         warnings.warn(
             f"used_ids lack special tokens {missing}; a batch holding one will raise UnusedIdError. Keep them with "
@@ -308,15 +309,18 @@ def replace_embeddings(
 
     params_before, bytes_before = _trainable_stats(model)
     handle = PemaHandle(model=model, output=output, vocab_size=vocab_size, used_ids=used, tied=tied)
+    # A model on the meta device (sizes without memory, e.g. for planning) has no values to probe or offload.
+    on_meta = input_weight.is_meta
     probe_ids = used[: _PROBE_IDS]
     probe_hidden = torch.randn(2, dim, generator=torch.Generator().manual_seed(0)).to(input_weight)
     with torch.no_grad():
-        expected_embeddings = [m(probe_ids) for m in embeddings]
-        expected_logits = [h(probe_hidden) for h in heads]
+        expected_embeddings = [] if on_meta else [m(probe_ids) for m in embeddings]
+        expected_logits = [] if on_meta else [h(probe_hidden) for h in heads]
 
     try:
-        _convert(model, handle, embeddings, heads, head_weight, head_bias, backend, deterministic, check_ids)
-        _probe(model, handle, embeddings, heads, probe_ids, probe_hidden, expected_embeddings, expected_logits)
+        _convert(model, handle, used_host, embeddings, heads, head_weight, head_bias, backend, deterministic, check_ids)
+        if not on_meta:
+            _probe(model, handle, embeddings, heads, probe_ids, probe_hidden, expected_embeddings, expected_logits)
         if output == "restricted":
             _restrict(model, handle)
         _register_checkpoint_hooks(model, handle)
@@ -325,7 +329,7 @@ def replace_embeddings(
         raise
 
     for held in (handle._input, handle._head_weight, handle._head_bias):
-        if held is not None and offload is not None:
+        if held is not None and offload is not None and not on_meta:
             held.param.data = held.param.data.to(offload)
     handle.params_after, handle.state_bytes_after = _trainable_stats(model)
     handle.params_before, handle.state_bytes_before = params_before, bytes_before
@@ -334,9 +338,11 @@ def replace_embeddings(
     return handle
 
 
-def _convert(model, handle, embeddings, heads, head_weight, head_bias, backend, deterministic, check_ids):
-    """Converts the holders in place, recording each in `handle` as it goes so a failure can be undone."""
-    used = handle.used_ids
+def _convert(model, handle, used, embeddings, heads, head_weight, head_bias, backend, deterministic, check_ids):
+    """Converts the holders in place, recording each in `handle` as it goes so a failure can be undone.
+
+    `used` stays on the host: each module validates it there and moves it to its own device.
+    """
     handle._input = _Held(embeddings[0].weight, embeddings[0].weight.device)
     weight = remap = None
     for module in embeddings:
