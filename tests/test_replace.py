@@ -292,3 +292,32 @@ def test_hf_trainer_trains_saves_and_resumes(output, tmp_path):
     resumed, _ = trained(resume_from=str(tmp_path / "run" / "checkpoint-3"))
     for (key, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=key)
+
+
+def test_pema_callback_measures_and_restores_at_the_end_of_training(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pema_triton.hf import PemaCallback
+
+    model = tiny_models.build("gpt2")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    before = _snapshot(model)
+    rows = [used[torch.randint(0, len(used), (10,))].tolist() for _ in range(8)]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    replace_embeddings(model, used)
+    callback = PemaCallback()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+
+    summary = callback.summary()
+    assert get_handle(model) is None and type(model.get_input_embeddings()) is torch.nn.Embedding  # restored
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert len(callback.step_times) == 3 and summary["mean_step_seconds"] > 0
+    assert summary["pema"]["num_used"] == len(used)
+    # Optimizer state was measured while compacted: two fp32 moments for every parameter, the tied matrix's U rows.
+    full_params = sum(p.numel() for p in tiny_models.build("gpt2").parameters())
+    assert summary["optimizer_bytes"] == 2 * 4 * (full_params - (tiny_models.V - len(used)) * 32)
+    unused = torch.ones(tiny_models.V, dtype=torch.bool)
+    unused[used] = False
+    assert torch.equal(model.transformer.wte.weight[unused], before["transformer.wte.weight"][unused])
+    assert not torch.equal(model.transformer.wte.weight[used], before["transformer.wte.weight"][used])
