@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_used_ids
+from ._checks import check_used_ids, raise_for_bad_ids
 from .errors import PemaError, UnsupportedModuleError
 from .ops import compact_embedding, use_triton
 from .reference import build_remap
@@ -136,6 +136,7 @@ class CompactEmbedding(nn.Embedding):
             del self._buffers[name]
         for name in _EMBEDDING_ATTRS:
             delattr(self, name)
+        self.__dict__.pop("unused_rows", None)
         self.weight = full_weight
         self.__class__ = original_class
         return self
@@ -178,15 +179,37 @@ class CompactEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[*] original ids -> [*, D]."""
-        return compact_embedding(
+        fallback = getattr(self, "unused_rows", None)
+        out = compact_embedding(
             ids,
             self.remap,
             self.weight,
             padding_row=self.padding_row,
             backend=self.backend,
             deterministic=self.deterministic,
-            check_ids=self.check_ids,
+            check_ids=self.check_ids and fallback is None,
         )
+        if fallback is not None:
+            out = self._fill_unused(ids, out, fallback)
+        return out
+
+    def _fill_unused(self, ids: torch.Tensor, out: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """Embeds ids outside the used set with their frozen rows from `fallback` [V, D] (any device).
+
+        Set by `replace_embeddings` during `generate()`: a model with full-vocabulary logits may emit an id the
+        data never used, and embedding it with its unchanged row is what full fine-tuning with the unused rows
+        frozen would do. Ids outside [0, V) still raise.
+        """
+        flat = ids.reshape(-1).long()
+        if bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
+            raise_for_bad_ids(ids, self.remap)
+        unused = self.remap[flat] < 0
+        if not bool(unused.any()):
+            return out
+        rows = fallback[flat[unused].to(fallback.device)].to(device=out.device, dtype=out.dtype)
+        out = out.reshape(-1, out.shape[-1]).clone()
+        out[unused] = rows
+        return out.view(*ids.shape, -1)
 
     @torch.no_grad()
     def merge_into(self, full_weight: torch.Tensor) -> torch.Tensor:

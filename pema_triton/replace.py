@@ -323,6 +323,8 @@ def replace_embeddings(
             _probe(model, handle, embeddings, heads, probe_ids, probe_hidden, expected_embeddings, expected_logits)
         if output == "restricted":
             _restrict(model, handle)
+        elif hasattr(model, "generate"):
+            model.generate = _with_frozen_unused_rows(handle, model.generate)
         _register_checkpoint_hooks(model, handle)
     except BaseException:
         _undo(model, handle, merge=False)
@@ -449,6 +451,30 @@ def _with_full_vocabulary(handle, method):
                 head.expand_output = False
             for cfg in handle._vocab_configs:
                 cfg.vocab_size = handle.num_used
+
+    return wrapper
+
+
+def _with_frozen_unused_rows(handle, generate):
+    """Runs `generate` with the compacted embeddings able to embed unused ids (with their frozen rows).
+
+    With full-vocabulary logits (`frozen`, or an untouched head) generation may pick an id the data never used;
+    the model it stands for (full fine-tuning with the unused rows frozen) embeds it with its unchanged row.
+    Tied `frozen` heads hold every row on the device already; otherwise the rows come from the kept original
+    matrix (on the CPU when offloaded: a few rows a step).
+    """
+
+    def wrapper(*args, **kwargs):
+        heads = [handle._module(path) for path, _ in handle.heads]
+        source = heads[0].full_weight if handle.tied and heads else handle._input.param.data
+        embeddings = [handle._module(path) for path, _ in handle.embeddings]
+        for embedding in embeddings:
+            embedding.unused_rows = source
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            for embedding in embeddings:
+                embedding.unused_rows = None
 
     return wrapper
 

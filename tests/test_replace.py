@@ -334,3 +334,32 @@ def test_meta_device_models_give_sizes_without_memory(output):
     assert handle.params_before - handle.params_after == 2 * (V - U) * D  # input and untied head
     assert handle.state_bytes_before - handle.state_bytes_after == 4 * 4 * 2 * (V - U) * D
     assert model.get_input_embeddings().weight.is_meta
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2", "t5-shared"])
+def test_generate_while_frozen_is_the_original_models_generate(name):
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=int(used[0]))
+    expected = model.generate(ids[:, :4], **kwargs)
+    emits_unused = not set(expected.flatten().tolist()) <= set(used.tolist())
+    replace_embeddings(model, used)  # frozen: full-vocabulary logits, config untouched
+    # Greedy decoding is the original's, also where it emits an id the data never used (llama here): that id is
+    # embedded with its frozen row, as full fine-tuning with the unused rows frozen would.
+    assert torch.equal(model.generate(ids[:, :4], **kwargs), expected)
+    assert emits_unused or name != "llama-untied"  # the fallback path really ran for one model
+    unused = [i for i in range(tiny_models.V) if i not in used.tolist()][:1]
+    with pytest.raises(UnusedIdError):  # outside generate(), an unscanned id is still an error
+        model(input_ids=torch.tensor([unused]))
+
+
+def test_generate_with_the_input_side_only_embeds_unused_ids_from_the_kept_matrix():
+    model = tiny_models.build("llama-untied")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=int(used[0]))
+    expected = model.generate(ids[:, :4], **kwargs)
+    assert not set(expected.flatten().tolist()) <= set(used.tolist())  # it does emit unused ids
+    replace_embeddings(model, used, output=False)  # head untouched; full input matrix offloaded to the CPU
+    assert torch.equal(model.generate(ids[:, :4], **kwargs), expected)
+    restore_embeddings(model)
+    assert "unused_rows" not in model.get_input_embeddings().__dict__
