@@ -55,11 +55,12 @@ def summarize_kernels(raw: Path, tag: str) -> list[dict]:
                 "peak_gbps": r["peak_gbps"], "pct_of_peak": 100 * gbps / r["peak_gbps"], "peak_source": r["peak_source"],
                 "device": r["device"],
             })
-    (RESULTS / f"kernels_{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"kernels_{tag}.json").write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2) + "\n")
     first = rows[0]
     lines = [
         f"Device: {first['device']}; peak {first['peak_gbps']:,.0f} GB/s ({first['peak_source']}). "
-        f"torch {torch.__version__}. Speed-up = baseline median / provider median, same run.",
+        f"{', '.join(f'{k} {v}' for k, v in environment().items() if k != 'device')}. "
+        f"Speed-up = baseline median / provider median, same run.",
         "",
         "| op | case | provider | median | speed-up vs baseline | GB/s | % of peak |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -73,6 +74,24 @@ def summarize_kernels(raw: Path, tag: str) -> list[dict]:
     print("\n".join(lines))
     plot_kernels(rows, tag)
     return rows
+
+
+def environment() -> dict:
+    """Device and library versions the results belong to."""
+    import platform
+
+    import pema_triton
+
+    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "pema_triton": pema_triton.__version__,
+           "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
 
 
 def goals(rows) -> list[str]:
