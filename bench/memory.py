@@ -100,6 +100,8 @@ def measure(name, factory, causal, mode, used, batch, device, run):
     target = device if run else torch.device("meta")
     with torch.device(target):
         model = factory()
+    if not run and not next(model.parameters()).is_meta:  # some transformers init paths ignore the device context
+        model = model.to("meta")
     model.train()
     if mode is not None:
         replace_embeddings(model, used, output=mode if causal else False)
