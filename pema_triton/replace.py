@@ -581,9 +581,16 @@ def _undo(model, handle, merge):
         cfg.vocab_size = handle.vocab_size
     for module, name, original in handle._logit_buffers:
         module._buffers[name] = original
-    for held in (handle._input, handle._head_weight, handle._head_bias):
+    # The full matrices go back to the device and dtype the model has now (`model.to(...)` after replace moved
+    # only the compact Parameters), as `.to()` would have converted the uncompacted model; else where they were.
+    current = {}
+    for which, paths in (("input", handle.embeddings), ("head", handle.heads)):
+        if paths:
+            weight = handle._module(paths[0][0]).weight
+            current[which] = {"device": weight.device, "dtype": weight.dtype}
+    for which, held in (("input", handle._input), ("head", handle._head_weight), ("head", handle._head_bias)):
         if held is not None:
-            held.param.data = held.param.data.to(held.device)
+            held.param.data = held.param.data.to(**current.get(which, {"device": held.device}))
 
     heads = [handle._module(path) for path, _ in handle.heads]
     if merge and heads:

@@ -362,3 +362,15 @@ def test_generate_with_the_input_side_only_embeds_unused_ids_from_the_kept_matri
     assert torch.equal(model.generate(ids[:, :4], **kwargs), expected)
     restore_embeddings(model)
     assert "unused_rows" not in model.get_input_embeddings().__dict__
+
+
+def test_restore_follows_the_model_to_the_device_and_dtype_it_moved_to():
+    model = tiny_models.build("gpt2")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used)
+    model.to(torch.float64)  # stands in for .to("cuda"): the compact Parameters move, the kept matrix does not
+    restore_embeddings(model)
+    assert model.transformer.wte.weight.dtype == torch.float64
+    assert model.transformer.wte.weight.device == model.transformer.h[0].attn.c_attn.weight.device
+    with torch.no_grad():
+        model(input_ids=ids)  # a consistent model runs
