@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import triton
+import triton.language as tl
 
 # Triton decides interpreter-or-compiler when `@triton.jit` runs, i.e. when this package is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -28,4 +29,23 @@ def pick_blocks(dim: int, max_elements: int) -> tuple[int, int]:
     return max(1, max_elements // block_d), block_d
 
 
-__all__ = ["INTERPRET", "pick_blocks"]
+@triton.jit
+def load_compact_rows(ids_ptr, remap_ptr, N, V, BLOCK_N: tl.constexpr):
+    """The BLOCK_N ids of this program (grid axis 0) mapped to their compact rows, as lookup and scatter need.
+
+    Returns:
+        o_n: [BLOCK_N] int64 token offsets (int64: N * D passes 2**31 for 1M tokens x 4096).
+        m_n: [BLOCK_N] offsets below N.
+        b_rows: [BLOCK_N] int64 compact rows, -1 where an id is out of [0, V) or unused.
+        m_row: [BLOCK_N] offsets below N whose id has a compact row.
+    """
+    o_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    m_in_vocab = m_n & (b_ids >= 0) & (b_ids < V)
+    # Out-of-vocabulary ids are never dereferenced: the remap load is masked, so no read leaves [0, V).
+    b_rows = tl.load(remap_ptr + b_ids, mask=m_in_vocab, other=-1).to(tl.int64)
+    return o_n, m_n, b_rows, m_in_vocab & (b_rows >= 0)
+
+
+__all__ = ["INTERPRET", "load_compact_rows", "pick_blocks"]

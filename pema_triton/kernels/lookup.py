@@ -8,7 +8,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._checks import check_lookup_inputs
-from . import pick_blocks
+from . import load_compact_rows, pick_blocks
 
 
 @triton.jit
@@ -24,19 +24,10 @@ def _lookup_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
     i_d = tl.program_id(1)
-    # int64 offsets: N * D and U * D pass 2**31 for real batches (1M tokens x 4096).
-    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_n, m_n, b_rows, m_row = load_compact_rows(ids_ptr, remap_ptr, N, V, BLOCK_N)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_n = o_n < N
     m_d = o_d < D
-
-    b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    m_in_vocab = m_n & (b_ids >= 0) & (b_ids < V)
-    # Out-of-vocabulary ids are never dereferenced: the remap load is masked, so no read leaves [0, V).
-    b_rows = tl.load(remap_ptr + b_ids, mask=m_in_vocab, other=-1).to(tl.int64)
-    m_row = m_in_vocab & (b_rows >= 0)
     if i_d == 0:
         # One program column counts, so each bad id is counted once; the launcher raises if any were seen.
         num_bad = tl.sum((m_n & ~m_row).to(tl.int32), axis=0)

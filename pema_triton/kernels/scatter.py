@@ -16,7 +16,7 @@ from torch.library import wrap_triton
 
 from .._checks import check_scatter_inputs
 from ..reference import accumulation_dtype
-from . import INTERPRET, pick_blocks
+from . import INTERPRET, load_compact_rows, pick_blocks
 
 
 @triton.jit
@@ -32,17 +32,10 @@ def _scatter_atomic_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
-    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_n = o_n < N
+    o_n, m_n, b_rows, m_row = load_compact_rows(ids_ptr, remap_ptr, N, V, BLOCK_N)
+    m_row = m_row & (b_rows != padding_row)
+    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-
-    b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    m_in_vocab = m_n & (b_ids >= 0) & (b_ids < V)
-    b_rows = tl.load(remap_ptr + b_ids, mask=m_in_vocab, other=-1).to(tl.int64)
-    m_row = m_in_vocab & (b_rows >= 0) & (b_rows != padding_row)
 
     m_tile = m_row[:, None] & m_d[None, :]
     b_g = tl.load(grad_out_ptr + o_n[:, None] * D + o_d[None, :], mask=m_tile, other=0.0)
