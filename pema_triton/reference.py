@@ -112,6 +112,8 @@ def scan(
     check_scan_state(ids, bitmap, counts)
     flat = ids.reshape(-1).long()
     vocab_size = bitmap.numel()
+    if ignore_index is not None and 0 <= ignore_index < vocab_size:
+        flat = flat[flat != ignore_index]  # an ignored id inside the vocabulary is skipped too, not marked
     if flat.numel() and _in_range(flat, vocab_size):
         # Common case: bincount is 5-7x faster on CPU than a masked scatter into the byte map.
         seen = torch.bincount(flat, minlength=vocab_size)

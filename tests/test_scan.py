@@ -58,6 +58,13 @@ def test_scan_ignore_index_and_out_of_range(backend):
     assert reference.used_ids_from_bitmap(bitmap).tolist() == [3, 9]
     assert counts.tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 0, 1]
 
+    # An ignored id inside the vocabulary (a pad id used as the ignored label) is skipped too, in both paths.
+    bitmap_pad, counts_pad = _fresh(10)
+    pema_triton.scan_ids(torch.tensor([0, 5, 0, 7], device=DEVICE), bitmap_pad, counts_pad, ignore_index=0,
+                         backend=backend)
+    assert reference.used_ids_from_bitmap(bitmap_pad).tolist() == [5, 7]
+    assert counts_pad.tolist() == [0, 0, 0, 0, 0, 1, 0, 1, 0, 0]
+
     with pytest.raises(IdOutOfRangeError, match=r"\[-100, 10, 12\] are outside the vocabulary \[0, 10\)") as err:
         pema_triton.scan_ids(torch.tensor([1, 10, -100, 12], device=DEVICE), bitmap, backend=backend)
     assert err.value.ids == [-100, 10, 12]

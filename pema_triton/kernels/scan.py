@@ -38,6 +38,7 @@ def _scan_kernel(
     m_bad = m_n & ~m_valid
     if HAS_IGNORE:
         m_bad = m_bad & (b_ids != ignore_index)
+        m_valid = m_valid & (b_ids != ignore_index)  # skipped even where it is a real id (e.g. a pad label)
     num_bad = tl.sum(m_bad.to(tl.int32), axis=0)
     if num_bad > 0:
         tl.atomic_add(num_bad_ptr, num_bad)
