@@ -128,9 +128,13 @@ def _arrow_ids(column) -> torch.Tensor:
 
 
 def _chunks(source, columns: tuple[str, ...], batch_size: int):
-    """Yields int tensors of token ids from any supported source (see :func:`scan_vocabulary`)."""
+    """Yields (ids, done): int tensors of token ids from any supported source (see :func:`scan_vocabulary`), and
+    how far each moves the progress bar, in the unit of :func:`_progress_total` (dataset rows, else items).
+
+    `ids` is None on the marker that closes one item of an iterable.
+    """
     if isinstance(source, torch.Tensor):
-        yield source
+        yield source, 1
     elif _is_datasets(source, "DatasetDict") or _is_datasets(source, "IterableDatasetDict"):
         for split in source.values():
             yield from _chunks(split, columns, batch_size)
@@ -140,21 +144,33 @@ def _chunks(source, columns: tuple[str, ...], batch_size: int):
             raise PemaError(f"dataset has none of the columns {columns}; its columns are {source.column_names}")
         # Arrow batches respect shuffles and selections (indices mappings) and flatten without Python loops.
         for table in source.with_format("arrow").iter(batch_size=batch_size):
-            for name in present:
-                yield _arrow_ids(table[name])
+            for k, name in enumerate(present):
+                yield _arrow_ids(table[name]), table.num_rows if k == len(present) - 1 else 0
     elif isinstance(source, Mapping):
         present = [c for c in columns if c in source]
         if not present:
             raise PemaError(f"batch has none of the columns {columns}; its keys are {list(source)}")
-        for name in present:
-            yield _as_ids(source[name])
+        for k, name in enumerate(present):
+            yield _as_ids(source[name]), 1 if k == len(present) - 1 else 0
     elif isinstance(source, (list, tuple)) and source and isinstance(source[0], int):
-        yield torch.tensor(source)
+        yield torch.tensor(source), 1
     elif isinstance(source, Iterable):
         for item in source:
-            yield from _chunks(item, columns, batch_size)
+            for ids, _ in _chunks(item, columns, batch_size):
+                if ids is not None:
+                    yield ids, 0
+            yield None, 1
     else:
         raise PemaError(f"cannot scan a {type(source).__name__}: give tensors, dict batches, a DataLoader or a dataset")
+
+
+def _progress_total(source) -> int | None:
+    """Length of the progress bar: rows of a dataset (all splits of a DatasetDict), items of a sized iterable."""
+    if _is_datasets(source, "DatasetDict"):
+        return sum(len(split) for split in source.values())
+    if isinstance(source, torch.Tensor) or not hasattr(source, "__len__"):
+        return None
+    return len(source)
 
 
 def _as_ids(value) -> torch.Tensor:
@@ -205,15 +221,15 @@ def scan_vocabulary(
     keep = [int(i) for i in keep]
     size = vocab_size if vocab_size is not None else max(keep, default=-1) + 1
     scan = VocabularyScan(max(size, 1), device=device, ignore_index=ignore_index, backend=backend)
-    chunks = _chunks(source, columns, batch_size)
     bar = _progress(source, progress)
-    for ids in chunks:
-        ids = torch.as_tensor(ids)
-        if vocab_size is None and ids.numel():
-            scan.grow(int(ids.max()) + 1)
-        scan.update(ids)
-        if bar is not None:
-            bar.update(1)
+    for ids, done in _chunks(source, columns, batch_size):
+        if ids is not None:
+            ids = torch.as_tensor(ids)
+            if vocab_size is None and ids.numel():
+                scan.grow(int(ids.max()) + 1)
+            scan.update(ids)
+        if bar is not None and done:
+            bar.update(done)
     if bar is not None:
         bar.close()
     return scan.used_ids(keep=keep).cpu()
@@ -222,11 +238,12 @@ def scan_vocabulary(
 def _progress(source, progress: bool | None):
     if progress is False:
         return None
-    total = len(source) if hasattr(source, "__len__") and not isinstance(source, torch.Tensor) else None
+    total = _progress_total(source)
     if progress is None and (total is None or total < 100):
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc="scanning vocabulary", unit="batch")
+    unit = "row" if _is_datasets(source, "Dataset") or _is_datasets(source, "DatasetDict") else "batch"
+    return tqdm(total=total, desc="scanning vocabulary", unit=unit)

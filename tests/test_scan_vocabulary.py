@@ -57,6 +57,32 @@ def test_datasets_dataset_and_every_split_of_a_dataset_dict():
     assert scan_vocabulary(nested, 10).tolist() == [1, 2, 3, 4]
 
 
+def test_progress_bar_ends_at_its_total(monkeypatch):
+    """The bar counts rows of a dataset (every split) and items of an iterable, so it ends full, not at 5/50000."""
+    datasets = pytest.importorskip("datasets")
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm_auto, "tqdm", Bar)
+    rows = datasets.Dataset.from_dict({"input_ids": [[i, i + 1] for i in range(250)], "labels": [[1]] * 250})
+    both = datasets.DatasetDict(train=rows, test=rows.select(range(30)))
+    batches = [{"input_ids": torch.tensor([[i]]), "labels": torch.tensor([[i]])} for i in range(7)]
+    for source in (rows, both, batches, [torch.tensor([i]) for i in range(5)]):
+        scan_vocabulary(source, 300, columns=("input_ids", "labels"), batch_size=100, progress=True)
+    assert [(bar.n, bar.total) for bar in bars] == [(250, 250), (280, 280), (7, 7), (5, 5)]
+
+
 def test_out_of_range_ids_and_keep_are_checked():
     from pema_triton import IdOutOfRangeError
 
