@@ -371,7 +371,9 @@ class CompactLMHead(nn.Linear):
 class _FrozenHeadLinear(torch.autograd.Function):
     """`F.linear(hidden, full_weight, full_bias)` after writing the trainable rows into the full buffers.
 
-    Backward returns [U, D] / [U] gradients for the trainable rows only: never a [V, D] gradient.
+    Backward returns [U, D] / [U] gradients for the trainable rows only: never a [V, D] gradient. Under autocast
+    the forward's `F.linear` runs in the autocast dtype, so backward casts its operands to `grad_logits`' dtype,
+    as the cast nodes of a plain `nn.Linear` would; autograd casts the results back to the inputs' dtypes.
     """
 
     @staticmethod
@@ -380,19 +382,23 @@ class _FrozenHeadLinear(torch.autograd.Function):
             full_weight.index_copy_(0, used_ids, weight)
             if bias is not None:
                 full_bias.index_copy_(0, used_ids, bias)
-        ctx.save_for_backward(hidden, full_weight, used_ids)
+        # The trainable `weight` is what autograd version-checks, as for nn.Linear: an in-place update between
+        # forward and backward raises. The buffer is held on ctx, not saved: a second forward before backward
+        # (chosen and rejected passes, a head called twice) rewrites it with the same rows, which is no error.
+        ctx.save_for_backward(hidden, weight, used_ids)
+        ctx.full_weight = full_weight
         ctx.has_bias = bias is not None
         return F.linear(hidden, full_weight, full_bias)
 
     @staticmethod
     def backward(ctx, grad_logits):
-        hidden, full_weight, used_ids = ctx.saved_tensors
+        hidden, _, used_ids = ctx.saved_tensors
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = grad_logits.matmul(full_weight)
+            grad_hidden = grad_logits.matmul(ctx.full_weight.to(grad_logits.dtype))
         grad_used = grad_logits.index_select(-1, used_ids).reshape(-1, used_ids.numel())  # [B*T, U]
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_used.t().matmul(hidden.reshape(-1, hidden.shape[-1]))
+            grad_weight = grad_used.t().matmul(hidden.reshape(-1, hidden.shape[-1]).to(grad_logits.dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_used.sum(0)
         return grad_hidden, grad_weight, grad_bias, None, None, None

@@ -139,6 +139,53 @@ def test_frozen_head_logits_equal_full_head_and_gradients_are_used_rows(bias):
     assert not head.full_weight.requires_grad and head.full_weight.grad is None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_head_under_autocast_matches_the_full_head(bias):
+    """Mixed precision (Trainer's bf16=True): logits in the autocast dtype and the gradients nn.Linear gets."""
+    torch.manual_seed(0)
+    full = nn.Linear(D, V, bias=bias).to(DEVICE)
+    head = CompactLMHead(copy.deepcopy(full), USED)
+    hidden = torch.randn(3, 11, D, device=DEVICE)
+    grads = {}
+    for name, module in (("compact", head), ("full", full)):
+        x = hidden.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            logits = module(x)
+        assert logits.dtype == torch.bfloat16
+        logits.float().pow(2).sum().backward()
+        grads[name] = (logits, x.grad, module.weight.grad, module.bias.grad if bias else None)
+
+    (logits_c, hidden_c, weight_c, bias_c), (logits_f, hidden_f, weight_f, bias_f) = grads["compact"], grads["full"]
+    used = USED.to(DEVICE)
+    assert torch.equal(logits_c, logits_f)
+    assert hidden_c.dtype == weight_c.dtype == torch.float32  # cast back to the Parameters' dtype
+    # bf16 GEMMs on both sides; the [U] slice of the product may block differently from the [V] one.
+    torch.testing.assert_close(hidden_c, hidden_f, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(weight_c, weight_f[used], rtol=1.6e-2, atol=1e-2)
+    if bias:
+        torch.testing.assert_close(bias_c, bias_f[used], rtol=1.6e-2, atol=1e-2)
+
+
+def test_frozen_head_runs_twice_before_one_backward():
+    """Two forwards (chosen and rejected sequences) then one backward: the gradients of the summed loss."""
+    torch.manual_seed(0)
+    full = nn.Linear(D, V).to(DEVICE)
+    head = CompactLMHead(copy.deepcopy(full), USED)
+    first, second = torch.randn(2, 5, D, device=DEVICE), torch.randn(3, D, device=DEVICE)
+    (head(first).sum() + head(second).pow(2).sum()).backward()
+    (full(first).sum() + full(second).pow(2).sum()).backward()
+    used = USED.to(DEVICE)
+    torch.testing.assert_close(head.weight.grad, full.weight.grad[used])
+    torch.testing.assert_close(head.bias.grad, full.bias.grad[used])
+
+    # An in-place update of the trainable rows between forward and backward is refused, as for nn.Linear.
+    logits = head(first)
+    with torch.no_grad():
+        head.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logits.sum().backward()
+
+
 def test_frozen_head_follows_training_of_its_used_rows():
     full = nn.Linear(D, V).to(DEVICE)
     head = CompactLMHead(full, USED)
