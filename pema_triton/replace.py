@@ -410,8 +410,6 @@ def _restrict(model, handle):
         cfg.vocab_size = handle.num_used
         handle._vocab_configs.append(cfg)
 
-    remap = handle._module(handle.embeddings[0][0]).remap
-
     def remap_labels(module, args, kwargs):
         labels = kwargs.get("labels")
         if labels is None:
@@ -421,7 +419,9 @@ def _restrict(model, handle):
         ) is None and hasattr(module, "prepare_decoder_input_ids_from_labels"):
             # Decoder inputs come from the labels in *original* ids, before the labels become compact columns.
             kwargs["decoder_input_ids"] = module.prepare_decoder_input_ids_from_labels(labels=labels)
-        kwargs["labels"] = remap_labels_to_columns(labels, remap)
+        # The table is read at each call: `model.to("cuda")` after replace puts a new tensor in the buffer.
+        remap = handle._module(handle.embeddings[0][0]).remap
+        kwargs["labels"] = remap_labels_to_columns(labels, remap.to(labels.device))
         return args, kwargs
 
     handle._hooks.append(model.register_forward_pre_hook(remap_labels, with_kwargs=True))

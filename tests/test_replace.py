@@ -374,3 +374,17 @@ def test_restore_follows_the_model_to_the_device_and_dtype_it_moved_to():
     assert model.transformer.wte.weight.device == model.transformer.h[0].attn.c_attn.weight.device
     with torch.no_grad():
         model(input_ids=ids)  # a consistent model runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: moves a CPU-compacted model to it")
+@pytest.mark.parametrize("output", ["frozen", "restricted"])
+def test_a_model_compacted_on_cpu_trains_after_moving_to_the_gpu(output):
+    """Trainer compacts nothing but moves the model: replace on CPU, `.to("cuda")`, train with labels, restore."""
+    model = tiny_models.build("llama-untied")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, output=output)
+    model.to("cuda")
+    ids = ids.cuda()
+    model(input_ids=ids, labels=ids).loss.backward()  # labels remapped with the table on the GPU
+    restore_embeddings(model)
+    assert model.lm_head.weight.device.type == model.model.embed_tokens.weight.device.type == "cuda"
