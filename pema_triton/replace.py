@@ -509,18 +509,33 @@ def _register_checkpoint_hooks(model, handle):
             if prefix + name in state_dict:
                 state_dict[prefix + name] = handle._full(which)
 
+    def held_for(key, full, which):
+        held = {"input": handle._input, "head_weight": handle._head_weight, "head_bias": handle._head_bias}[which]
+        if full.shape != held.param.shape:
+            raise VocabularySizeError(
+                f"checkpoint tensor {key!r} has shape {tuple(full.shape)}, but this model was compacted from "
+                f"{tuple(held.param.shape)} (V={handle.vocab_size:,}); it belongs to another vocabulary"
+            )
+        return held
+
+    def check_every_shape(root, state_dict, prefix, *args):
+        # Runs before any submodule loads: a wrong head must not leave the input matrix already overwritten.
+        paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)}
+        targets = [(path, slots(handle._module(path))) for path, _ in handle.embeddings + handle.heads]
+        targets += [(paths[id(m)], alias_slots(name, m)) for m, name in handle._bias_aliases if id(m) in paths]
+        for path, names in targets:
+            for name, which in names:
+                key = prefix + (f"{path}." if path else "") + name
+                if key in state_dict:
+                    held_for(key, state_dict[key], which)
+
     def load_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors, which_of=slots):
         for name, which in which_of(module):
             key = prefix + name
             if key not in state_dict:
                 continue
             full = state_dict[key]
-            held = {"input": handle._input, "head_weight": handle._head_weight, "head_bias": handle._head_bias}[which]
-            if full.shape != held.param.shape:
-                raise VocabularySizeError(
-                    f"checkpoint tensor {key!r} has shape {tuple(full.shape)}, but this model was compacted from "
-                    f"{tuple(held.param.shape)} (V={handle.vocab_size:,}); it belongs to another vocabulary"
-                )
+            held = held_for(key, full, which)
             with torch.no_grad():
                 held.param.copy_(full)  # the checkpoint's unused rows become the ones restore puts back
                 if isinstance(module, CompactLMHead) and module.mode == "frozen":
@@ -530,6 +545,7 @@ def _register_checkpoint_hooks(model, handle):
     def alias_slots(name, _module):
         return [(name, "head_bias")]
 
+    handle._hooks.append(model.register_load_state_dict_pre_hook(check_every_shape))
     for path, _ in handle.embeddings + handle.heads:
         module = handle._module(path)
         handle._hooks.append(module.register_state_dict_post_hook(save_hook))

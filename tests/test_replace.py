@@ -263,6 +263,17 @@ def test_a_checkpoint_of_another_vocabulary_is_refused():
     with pytest.raises(VocabularySizeError, match=r"\(100, 32\).*V=97"):
         model.load_state_dict(state)
 
+    # Only the head is of another vocabulary: nothing loads, not even the input matrix that comes first.
+    before = model.state_dict()
+    state = {key: torch.full_like(tensor, 7) if tensor.is_floating_point() else tensor for key, tensor in before.items()}
+    state["lm_head.weight"] = torch.zeros(tiny_models.V + 3, 32)
+    with pytest.raises(VocabularySizeError, match="'lm_head.weight' has shape"):
+        model.load_state_dict(state)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+    restore_embeddings(model)
+    assert torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
 
 @pytest.mark.parametrize("output", ["frozen", "restricted"])
 def test_hf_trainer_trains_saves_and_resumes(output, tmp_path):
