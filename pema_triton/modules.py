@@ -24,7 +24,7 @@ __all__ = ["CompactEmbedding", "CompactLMHead", "HEAD_MODES"]
 HEAD_MODES = ("frozen", "restricted")
 
 # Compact attributes added by _setup_compact, removed again by uncompact_.
-_EMBEDDING_ATTRS = ("backend", "deterministic", "check_ids")
+_EMBEDDING_ATTRS = ("backend", "deterministic", "check_ids", "_padding_row")
 _HEAD_ATTRS = ("mode", "num_embeddings", "expand_output")
 
 
@@ -165,6 +165,8 @@ class CompactEmbedding(nn.Embedding):
         self.register_buffer("used_ids", used, persistent=False)
         self.register_buffer("remap", build_remap(used, full_weight.shape[0]) if remap is None else remap,
                              persistent=False)
+        # Looked up once here: reading remap[padding_idx] in forward is a device-to-host sync every step.
+        self._padding_row = -1 if self.padding_idx is None else int(self.remap[self.padding_idx])
 
     @property
     def num_used(self) -> int:
@@ -173,9 +175,7 @@ class CompactEmbedding(nn.Embedding):
     @property
     def padding_row(self) -> int:
         """Compact row of `padding_idx`, or -1 where there is none (or the pad id is not used)."""
-        if self.padding_idx is None:
-            return -1
-        return int(self.remap[self.padding_idx])
+        return self._padding_row
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[*] original ids -> [*, D]."""

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, ON_GPU
 from torch import nn
 
 import pema_triton
@@ -40,6 +40,19 @@ def test_compact_embedding_equals_embedding_and_its_gradient(backend, padding_id
         assert compact.padding_row == 2 and torch.all(compact.weight.grad[2] == 0)
     assert compact.weight.shape == (len(USED), D)
     assert repr(compact).startswith(f"CompactEmbedding(num_embeddings={V}, num_used=8, embedding_dim={D}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device: checks for device-to-host syncs")
+def test_without_id_checks_a_training_step_never_syncs_with_the_host():
+    """check_ids=False promises no sync per step, also for a model with a pad id (BERT, RoBERTa, XLM-R)."""
+    compact = CompactEmbedding(nn.Embedding(V, D, padding_idx=4).to(DEVICE), USED, check_ids=False)
+    ids = _ids()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        compact(ids).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert compact.weight.grad[compact.padding_row].abs().sum() == 0
 
 
 def test_adamw_state_covers_only_used_rows():
