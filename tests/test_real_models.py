@@ -9,7 +9,7 @@ k AdamW steps (weight decay 0), losses compared step by step and every weight af
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS
+from conftest import BACKENDS, DEVICE, ON_GPU
 
 import real_assets
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids
@@ -25,6 +25,7 @@ def _train(model, batches, loss_fn):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     losses = []
     for step, batch in enumerate(batches):
+        batch = {k: v.to(DEVICE) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(DEVICE)
         torch.manual_seed(step)  # the same dropout masks in both runs
         loss = loss_fn(model, batch)
         loss.backward()
@@ -34,22 +35,30 @@ def _train(model, batches, loss_fn):
     return losses
 
 
-def _assert_same_training(pema_losses, base_losses, pema_state, base_state, exact: bool):
-    """Equal to fp32 round-off. Where the two runs' gradients differ by round-off (a GEMM over U columns instead
-    of V), Adam's update m/sqrt(v) can still differ by up to ~LR per step for an element whose gradient is near
-    zero, so each weight is bounded by LR * STEPS, and all but 0.1% of elements must agree to 1e-6."""
+def _assert_same_training(pema_losses, base_losses, pema_state, base_state, *, exact: bool, embedding_key: str):
+    """Bit for bit where `exact`; else equal to fp32 round-off.
+
+    Where the two runs' gradients differ by round-off (a GEMM over U columns instead of V, atomics on a GPU),
+    Adam's update m/sqrt(v) can still differ by up to ~2 LR per step for an element whose gradient is near zero
+    (round-off flips its sign). So: each weight within 2 * LR * STEPS, all but 0.01% of elements within 1e-6
+    (SmolLM2 `restricted` on CPU: 0.0004%, largest 4.6e-5), and on CPU the embedding matrix within 1e-6
+    (measured 1.2e-7): its rows train through the compact Parameter, which is what is under test.
+    """
     if exact:
         assert pema_losses == base_losses
+        for key, base in base_state.items():
+            assert torch.equal(pema_state[key], base), key
+        return
     torch.testing.assert_close(torch.tensor(pema_losses), torch.tensor(base_losses), rtol=1e-5, atol=0)
     far, total = 0, 0
     for key, base in base_state.items():
         diff = (pema_state[key] - base).abs()
-        if exact:
-            assert torch.equal(pema_state[key], base), key
-        assert float(diff.max()) <= LR * STEPS, key
+        assert float(diff.max()) <= 2 * LR * STEPS, key
         far += int((diff > 1e-6).sum())
         total += diff.numel()
-    assert far <= 1e-3 * total
+    assert far <= 1e-4 * total, f"{far} of {total} elements differ by more than 1e-6"
+    if not ON_GPU:
+        torch.testing.assert_close(pema_state[embedding_key], base_state[embedding_key], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -68,6 +77,7 @@ def test_minilm_classification_is_exactly_full_fine_tuning(backend):
     def run(pema):
         torch.manual_seed(0)  # the same fresh classifier head
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=5).train()
+        model.to(DEVICE)
         pretrained = model.get_input_embeddings().weight.detach().clone()
         if pema:
             handle = replace_embeddings(model, used, backend=backend)
@@ -80,10 +90,11 @@ def test_minilm_classification_is_exactly_full_fine_tuning(backend):
     base_losses, base_state, pretrained = run(pema=False)
     pema_losses, pema_state, _ = run(pema=True)
 
-    _assert_same_training(pema_losses, base_losses, pema_state, base_state, exact=False)
-    unused = torch.ones(len(tokenizer), dtype=torch.bool)
-    unused[used] = False
     key = "bert.embeddings.word_embeddings.weight"
+    # On CPU both paths sum each row's gradient in the same order: bit for bit. GPU atomics reorder the sums.
+    _assert_same_training(pema_losses, base_losses, pema_state, base_state, exact=not ON_GPU, embedding_key=key)
+    unused = torch.ones(len(tokenizer), dtype=torch.bool, device=DEVICE)
+    unused[used] = False
     assert torch.equal(pema_state[key][unused], pretrained[unused])  # bit for bit, and full FT agrees:
     assert torch.equal(base_state[key][unused], pretrained[unused])
     assert not torch.equal(pema_state[key][used], pretrained[used])  # the used rows did train
@@ -93,18 +104,19 @@ def test_minilm_classification_is_exactly_full_fine_tuning(backend):
 @pytest.mark.parametrize("output", ["frozen", "restricted"])
 def test_smollm2_causal_lm_equals_its_frozen_baseline(output, backend):
     tokenizer, base_model = real_assets.smollm2()
+    base_model.to(DEVICE)
     texts, _ = real_assets.bbc_news(2 * STEPS)
     ids = tokenizer(texts, truncation=True, max_length=24, return_tensors="pt")["input_ids"]
     batches = [ids[i : i + 2] for i in range(0, 2 * STEPS, 2)]
     used = scan_vocabulary(batches, len(tokenizer), keep=special_token_ids(tokenizer))
-    in_used = torch.zeros(len(tokenizer), dtype=torch.bool)
+    in_used = torch.zeros(len(tokenizer), dtype=torch.bool, device=DEVICE)
     in_used[used] = True
     pretrained = base_model.get_input_embeddings().weight.detach().clone()
     assert base_model.get_output_embeddings().weight is base_model.get_input_embeddings().weight  # tied
 
     # Baseline: plain PyTorch full fine-tuning, unused rows frozen by a gradient hook; `restricted` also masks
     # the unused logits out of the softmax (a constant there, so those rows get no gradient either way).
-    baseline = real_assets.smollm2()[1].train()
+    baseline = real_assets.smollm2()[1].train().to(DEVICE)
     baseline.get_input_embeddings().weight.register_hook(lambda g: g * in_used[:, None])
 
     def baseline_loss(model, batch):
@@ -122,6 +134,8 @@ def test_smollm2_causal_lm_equals_its_frozen_baseline(output, backend):
     restore_embeddings(pema)
     assert pema.get_output_embeddings().weight is pema.get_input_embeddings().weight  # still tied
 
-    _assert_same_training(pema_losses, base_losses, pema.state_dict(), baseline.state_dict(), exact=output == "frozen")
+    # `frozen` runs the same GEMMs as the baseline: bit for bit on CPU. `restricted` drops V - U softmax columns.
+    _assert_same_training(pema_losses, base_losses, pema.state_dict(), baseline.state_dict(),
+                          exact=output == "frozen" and not ON_GPU, embedding_key="model.embed_tokens.weight")
     weight = pema.get_input_embeddings().weight.detach()
     assert torch.equal(weight[~in_used], pretrained[~in_used])
