@@ -219,12 +219,16 @@ def test_restricted_builtin_loss_uses_remapped_labels(name):
 def test_generate_while_restricted_emits_only_used_original_ids(name):
     model = tiny_models.build(name)
     used, ids = tiny_models.used_ids_and_batch(model)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=int(used[0]))
+    # Greedy decoding under the restricted head is greedy decoding of the original over the used ids.
+    unused = sorted(set(range(tiny_models.V)) - set(used.tolist()))
+    expected = model.generate(ids[:, :4], suppress_tokens=unused, **kwargs)
     replace_embeddings(model, used, output="restricted")
-    out = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=int(used[0]))
+    out = model.generate(ids[:, :4], **kwargs)
     assert out.shape[-1] > 4 if not model.config.is_encoder_decoder else out.shape[-1] > 1
     assert set(out.flatten().tolist()) <= set(used.tolist())
+    assert torch.equal(out, expected)
     assert model.config.vocab_size == len(used)  # back to restricted after generate
-    # Greedy decoding under the restricted head is greedy decoding of the original over the used ids.
     restore_embeddings(model)
     assert "generate" not in model.__dict__
 
