@@ -4,7 +4,8 @@ Part 1, encoder: all-MiniLM-L6-v2 (BERT) fine-tuned to classify BBC News into 5 
 against PEMA on the input embedding. The restored PEMA model must equal the fully fine-tuned one.
 Part 2, causal LM: SmolLM2-135M-Instruct (Llama, tied embeddings) fine-tuned on BBC News text with its input and
 output embeddings compacted, in both output modes, next to full fine-tuning and next to the exact baseline of
-`frozen` mode (full fine-tuning with the unused rows frozen by a gradient hook), with held-out loss for each.
+each mode in plain PyTorch (full fine-tuning with the unused rows frozen by a gradient hook, for `restricted`
+also masked out of the softmax), with held-out loss for each.
 
     python examples/demo.py                        # both parts, a few minutes on 2 CPU cores
     python examples/demo.py --part lm --device cuda   # Triton kernels on a GPU
@@ -149,16 +150,16 @@ def print_table(title, runs, metric_name, vocab_size, num_used):
     print(f"\n{title}\nV={vocab_size:,}, U={num_used:,} ({num_used / vocab_size:.1%})\n")
     kind = next(iter(runs.values()))["peak_kind"]
     print(f"| run | trainable params | weights | gradients | optimizer | {kind} | step time | train loss | "
-          f"{metric_name} | max |Δ| vs exact baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{metric_name} | max |Δ| vs full fine-tuning | max |Δ| vs exact baseline |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         s = r["state"]
         peak = f"{r['peak']:,.0f} MiB" if r["peak"] is not None else "n/a"
-        diff = r.get("diff")
-        diff = "" if diff is None else (f"{diff:.3g}" + (f" ({r['diff_vs']})" if r.get("diff_vs") else ""))
+        diff_full = "" if r.get("diff_full") is None else f"{r['diff_full']:.3g}"
+        diff = "" if r.get("diff") is None else f"{r['diff']:.3g} ({r['diff_vs']})"
         print(f"| {name} | {r['trainable']:,} | {s['weights'] / MIB:,.1f} MiB | {s['gradients'] / MIB:,.1f} MiB | "
               f"{s['optimizer'] / MIB:,.1f} MiB | {peak} | {r['step_time'] * 1e3:,.0f} ms | {r['loss']:.4f} | "
-              f"{r['metric']:.4f} | {diff} |")
+              f"{r['metric']:.4f} | {diff_full} | {diff} |")
 
 
 def encoder_part(args, device, meter):
@@ -197,8 +198,9 @@ def encoder_part(args, device, meter):
                                == b["labels"]).sum()) for b in test_batches)
         runs[name]["metric"] = correct / len(test_x)
         models[name] = model
-    runs["PEMA (input embedding)"]["diff"] = max_difference(*models.values())
-    runs["PEMA (input embedding)"]["diff_vs"] = "full fine-tuning"
+    # An untied input embedding's unused rows get no gradient in full fine-tuning: it is its own exact baseline.
+    diff = max_difference(*models.values())
+    runs["PEMA (input embedding)"].update(diff_full=diff, diff=diff, diff_vs="full fine-tuning")
     data = {"bbc": "BBC News topics", "tweets": "tweet sentiment"}[args.data]
     name = args.model or "all-MiniLM-L6-v2"
     print_table(f"Part 1: {name} on {data} ({args.train} train / {args.test} test)", runs,
@@ -243,29 +245,45 @@ def lm_part(args, device, meter):
         return total / count
 
     lm_loss = lambda m, b: m(input_ids=b[0], labels=b[1]).loss  # noqa: E731  (the model's own loss)
+
+    def masked_lm_loss(model, batch):  # the same loss with the unused ids masked out of the softmax
+        logits = model(input_ids=batch[0]).logits.float().masked_fill(~in_used, torch.finfo(torch.float32).min)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[1][:, 1:].reshape(-1))
+
     warm_up(copy.deepcopy(base).to(device), batches[0], lm_loss)
     runs, models = {}, {}
-    for name in ("full fine-tuning", "full FT, unused rows frozen (hook)", "PEMA frozen", "PEMA restricted"):
+    # Each PEMA mode follows its exact baseline in plain PyTorch: full FT with the unused rows frozen by a gradient
+    # hook (every head row gets a gradient through the softmax, so only frozen rows make the two comparable).
+    baselines = {"PEMA frozen": "hook baseline", "PEMA restricted": "hook + mask baseline"}
+    runs_and_losses = (("full fine-tuning", lm_loss), ("hook baseline", lm_loss), ("PEMA frozen", lm_loss),
+                       ("hook + mask baseline", masked_lm_loss), ("PEMA restricted", lm_loss))
+    for name, loss_fn in runs_and_losses:
         model = copy.deepcopy(base).to(device)
         handle = None
         if name.startswith("PEMA"):
             handle = replace_embeddings(model, used, output=name.split()[1], tokenizer=tokenizer)
             print(handle)
-        elif "hook" in name:  # the exact baseline of `frozen`, in plain PyTorch
+        elif "baseline" in name:
             model.get_input_embeddings().weight.register_hook(lambda g: g * in_used[:, None])
-        runs[name] = train(model, batches, lm_loss, args.lm_lr, device, meter)
+        runs[name] = train(model, batches, loss_fn, args.lm_lr, device, meter)
         if handle is not None:
             restore_embeddings(model)
         runs[name]["metric"] = heldout_loss(model)  # full-vocabulary softmax, on the restored model
         models[name] = model
         del model
-    runs["PEMA frozen"]["diff"] = max_difference(models["PEMA frozen"], models["full FT, unused rows frozen (hook)"])
-    runs["PEMA frozen"]["diff_vs"] = "hook baseline"
+    for name in runs:
+        if name != "full fine-tuning":
+            runs[name]["diff_full"] = max_difference(models[name], models["full fine-tuning"])
+    for name, baseline in baselines.items():
+        runs[name].update(diff=max_difference(models[name], models[baseline]), diff_vs=baseline)
     print_table(f"Part 2: {args.lm_model or 'SmolLM2-135M (tied)'} on {args.data} text, "
                 f"{args.lm_steps} steps of "
                 f"{args.lm_batch_size}x{args.lm_seq_len} tokens", runs, "held-out loss", len(tokenizer), used.numel())
-    print("\n`frozen` equals its exact baseline; `restricted` trains a softmax over the used ids only, so its held-out "
-          "loss under the full vocabulary differs by design (README: Held-out loss of the output modes).")
+    print("\nEach mode equals its exact baseline (`restricted` to fp32 round-off: a softmax over U columns instead of "
+          "V, which Adam can amplify for a weight whose gradient is near zero). Both differ from full fine-tuning, "
+          "which also trains the unused rows of the tied head; `restricted` trains a softmax over the used ids "
+          "only, so its held-out loss under the full vocabulary differs by design (README: Held-out loss of the "
+          "output modes).")
     return runs
 
 
@@ -280,13 +298,23 @@ def main(argv=None):
     kernels = "Triton kernels" if pema_triton.ops.use_triton("auto", device) else "the PyTorch reference path"
     print(f"device {device}: compact embeddings run {kernels}")
     meter = MemoryMeter(device)
+    # The exit code says whether PEMA matched its exact baselines. On CPU the same gradient sums run in the same
+    # order: bit for bit. Elsewhere (GPU atomics; `restricted`'s U-column softmax) the gradients agree to round-off,
+    # which Adam's m/sqrt(v) can turn into up to 2 lr per step for a weight whose gradient is near zero.
+    exact = device.type == "cpu"
+
+    def matches(diff, lr, steps, exact_here=exact):
+        return diff == 0 if exact_here else diff <= 2 * lr * steps
+
     ok = True
     if args.part in ("encoder", "all"):
         runs = encoder_part(args, device, meter)
-        ok &= runs["PEMA (input embedding)"]["diff"] < 1e-4
+        ok &= matches(runs["PEMA (input embedding)"]["diff"], args.lr,
+                      args.epochs * -(-args.train // args.batch_size))
     if args.part in ("lm", "all"):
         runs = lm_part(args, device, meter)
-        ok &= runs["PEMA frozen"]["diff"] < 1e-4
+        ok &= matches(runs["PEMA frozen"]["diff"], args.lm_lr, args.lm_steps)
+        ok &= matches(runs["PEMA restricted"]["diff"], args.lm_lr, args.lm_steps, exact_here=False)
     return 0 if ok else 1
 
 
