@@ -4,8 +4,8 @@
   table (the upstream approach after rewriting the dataset).
 - backward: the [U, D] scatter vs the full-vocabulary `nn.Embedding` backward (a [V, D] gradient).
 - forward+backward: `CompactEmbedding` vs `nn.Embedding` over V rows.
-- scan: `scan_ids` into a byte map vs `torch.unique` and `torch.bincount`; on CPU also the upstream approach's
-  numpy `bincount` through `datasets.map`.
+- scan: `scan_ids` into a byte map, then the sorted used ids read out of it, vs `torch.unique` and
+  `torch.bincount` (+ nonzero); on CPU also the upstream approach's numpy `bincount` through `datasets.map`.
 
 GPU cases use the Triton kernels and skip without a GPU; CPU cases run the PyTorch reference path (the CPU
 path users get). `python bench/run.py` runs them and writes ratios and GB/s against the device's peak.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, ON_GPU, run_benchmark
 
 import pema_triton
-from pema_triton.reference import build_remap
+from pema_triton.reference import build_remap, used_ids_from_bitmap
 
 FULL = os.environ.get("PEMA_BENCH_GRID", "default") == "full"
 if ON_GPU:
@@ -111,16 +111,22 @@ def test_backward(benchmark, peak, case, provider):
 def test_forward_backward(benchmark, peak, case, provider):
     V, D, N, share, dtype = case
     used, remap, ids, weight = make(*case)
-    module = torch.nn.Embedding(V, D, device=DEVICE, dtype=dtype)
-    if provider == "pema":
-        module = pema_triton.CompactEmbedding(module, used)
+    full = torch.nn.Embedding(V, D, device=DEVICE, dtype=dtype)
+    module = pema_triton.CompactEmbedding(full, used) if provider == "pema" else full
     grad = torch.randn(N, D, device=DEVICE).to(dtype)
 
     def step():
         module.weight.grad = None
-        module(ids).backward(grad)
+        out = module(ids)
+        out.backward(grad)
+        return out
 
-    step()
+    # Checked first: the same output as the full table, and the used rows of the full table's gradient.
+    expected_grad = torch.zeros(V, D, device=DEVICE).index_add_(0, ids, grad.float())[used]
+    assert torch.equal(step(), F.embedding(ids, full.weight))
+    got_grad = module.weight.grad[used] if provider != "pema" else module.weight.grad
+    torch.testing.assert_close(got_grad.float(), expected_grad, atol=1e-2 if dtype == torch.bfloat16 else 1e-3,
+                               rtol=1e-2)
     nbytes = _bytes_lookup(N, D, dtype, ids) + N * D * dtype.itemsize + module.weight.numel() * dtype.itemsize
     run_benchmark(benchmark, step, info={"op": "forward+backward", "case": case_id(case), "provider": provider,
                                          "baseline": "nn.Embedding-full-V"}, peak=peak, bytes_moved=nbytes)
@@ -130,30 +136,53 @@ SCAN_CASES = [(V, N) for V in (30_522, 128_256, 250_002, 1_000_000) for N in ([1
                                                                                else [1_048_576])]
 
 
-@pytest.mark.parametrize("provider", ["pema", "torch.unique", "torch.bincount", "numpy-bincount-datasets.map"])
+@pytest.mark.parametrize(
+    "provider",
+    ["pema", "pema-map-only", "pema-packed-bits", "torch.unique", "torch.bincount", "numpy-bincount-datasets.map"],
+)
 @pytest.mark.parametrize("V, N", SCAN_CASES, ids=[f"V{v}-N{n}" for v, n in SCAN_CASES])
 def test_scan(benchmark, peak, V, N, provider):
+    """Every provider but `pema-map-only` returns the sorted used ids, as `torch.unique` does: the same work.
+
+    `pema-map-only` marks the byte map only, what each further chunk of a streamed dataset costs (the ids are
+    read out of the map once, at the end). `pema-packed-bits` is the layout not chosen (one bit per id, atomic OR),
+    timed beside the byte map so the choice rests on a measurement.
+    """
     if provider == "numpy-bincount-datasets.map" and (ON_GPU or V > 250_002):
         pytest.skip("the upstream approach runs on the CPU, once per realistic vocabulary")
+    if provider == "pema-packed-bits" and not ON_GPU:
+        pytest.skip("the packed-bit layout exists as a Triton kernel only: GPU benchmark")
     gen = torch.Generator().manual_seed(0)
     ids = (torch.rand(N, generator=gen) ** 3 * V).long().clamp_(max=V - 1).to(DEVICE)
     expected = torch.unique(ids)
     bitmap = torch.zeros(V, dtype=torch.uint8, device=DEVICE)
 
-    def pema():
+    def mark():
         bitmap.zero_()
         pema_triton.scan_ids(ids, bitmap)
         return bitmap
 
     fns = {
-        "pema": pema,
+        "pema": lambda: used_ids_from_bitmap(mark()),
+        "pema-map-only": mark,
         "torch.unique": lambda: torch.unique(ids),
-        "torch.bincount": lambda: torch.bincount(ids, minlength=V),
+        "torch.bincount": lambda: torch.nonzero(torch.bincount(ids, minlength=V)).flatten(),
     }
     if provider == "numpy-bincount-datasets.map":
         fns[provider] = _upstream_scan(ids.cpu(), V)
+    if provider == "pema-packed-bits":
+        from pema_triton.kernels.scan import scan_ids_packed, used_ids_from_packed
+
+        words = torch.zeros((V + 31) // 32, dtype=torch.int32, device=DEVICE)
+
+        def packed():
+            words.zero_()
+            scan_ids_packed(ids, words, V)
+            return used_ids_from_packed(words, V)
+
+        fns[provider] = packed
     out = fns[provider]()
-    found = out if provider == "torch.unique" else torch.nonzero(torch.as_tensor(out)).flatten().to(DEVICE)
+    found = torch.nonzero(out).flatten() if provider == "pema-map-only" else torch.as_tensor(out).to(DEVICE)
     assert torch.equal(found, expected)
     run_benchmark(benchmark, fns[provider], info={"op": "scan", "case": f"V{V}-N{N}", "provider": provider,
                                                   "baseline": "torch.unique"}, peak=peak,
@@ -176,6 +205,6 @@ def _upstream_scan(ids, V, row=512):
             return {}
 
         dataset.map(add, batched=True, batch_size=1000, load_from_cache_file=False, keep_in_memory=True)
-        return counts
+        return np.flatnonzero(counts)
 
     return count
