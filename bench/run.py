@@ -115,6 +115,10 @@ def goals(rows) -> list[str]:
         unique = {r["case"]: r["median_ms"] for r in pick("scan", "torch.unique")}
         worst = min(unique[r["case"]] / r["median_ms"] for r in scan)
         out.append(f"- scan vs torch.unique: worst {worst:.1f}x (goal >= 20x)")
+    packed = {r["case"]: r["median_ms"] for r in pick("scan", "pema-packed-bits")}
+    if packed and scan:
+        ratios = ", ".join(f"{r['case']} {packed[r['case']] / r['median_ms']:.2f}x" for r in scan if r["case"] in packed)
+        out.append(f"- scan layout, packed-bit time / byte-map time (above 1: bytes are faster): {ratios}")
     return out
 
 

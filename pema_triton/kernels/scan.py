@@ -4,6 +4,10 @@ Layout: one uint8 per id rather than packed bits. A byte map is written with pla
 1, so concurrent writes to one byte cannot lose an update); a packed map needs an atomic OR per token, since ids
 sharing a 32-bit word would overwrite each other. At V = 1,000,000 the byte map is 1 MB, which stays resident in
 an H100's 50 MB L2, so the 8x larger footprint costs no extra DRAM traffic for realistic vocabularies.
+
+That choice still wants a GPU measurement: `scan_ids_packed` is the packed-bit layout (one int32 word per 32 ids,
+atomic OR), tested equal to the byte map and timed beside it in bench/test_bench_kernels.py (`pema-packed-bits`).
+It is not used by the library.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._checks import check_scan_state
+from .._checks import check_ids, check_scan_state
+from ..errors import PemaDTypeError
 from . import INTERPRET
 
 
@@ -84,3 +89,51 @@ def scan_ids(
             BLOCK=block,
         )
     return num_bad
+
+
+@triton.jit
+def _scan_packed_kernel(
+    ids_ptr,  # [N] token ids, int32 or int64
+    words_ptr,  # [ceil(V / 32)] int32: bit (id % 32) of word (id // 32) set for each id seen
+    num_bad_ptr,  # [1] int32: incremented by the number of ids outside [0, V)
+    N,  # number of ids
+    V,  # vocabulary size
+    BLOCK: tl.constexpr,
+):
+    o_n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m_n = o_n < N
+    b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    m_valid = m_n & (b_ids >= 0) & (b_ids < V)
+    num_bad = tl.sum((m_n & ~m_valid).to(tl.int32), axis=0)
+    if num_bad > 0:
+        tl.atomic_add(num_bad_ptr, num_bad)
+    # Bit 31 wraps to the int32 sign bit, which is what the OR needs.
+    b_bits = (tl.full([BLOCK], 1, tl.int64) << (b_ids & 31)).to(tl.int32)
+    tl.atomic_or(words_ptr + (b_ids >> 5), b_bits, mask=m_valid)
+
+
+def scan_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed-bit scan (the layout not chosen; for the benchmark). Marks `ids` [*] in `words` [ceil(V / 32)] int32.
+
+    Returns:
+        num_bad: [1] int32 count of ids outside [0, V).
+    """
+    check_ids(ids)
+    if words.dtype != torch.int32 or words.shape != ((vocab_size + 31) // 32,) or words.device != ids.device:
+        raise PemaDTypeError(f"words must be a [ceil(V / 32)] int32 tensor on {ids.device}, got {words.dtype} "
+                             f"{tuple(words.shape)} on {words.device}")
+    flat_ids = ids.reshape(-1).contiguous()
+    num_bad = torch.zeros(1, dtype=torch.int32, device=ids.device)
+    if flat_ids.numel():
+        block = 65536 if INTERPRET else 4096
+        _scan_packed_kernel[(triton.cdiv(flat_ids.numel(), block),)](
+            flat_ids, words, num_bad, flat_ids.numel(), vocab_size, BLOCK=block
+        )
+    return num_bad
+
+
+def used_ids_from_packed(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[ceil(V / 32)] int32 packed map -> [U] sorted int64 ids whose bit is set."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words[:, None] >> shifts) & 1  # [W, 32]: bit j of word w is id 32 w + j
+    return torch.nonzero(bits.reshape(-1)[:vocab_size]).flatten()
