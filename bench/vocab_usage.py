@@ -3,7 +3,9 @@
 For every tokenizer in examples/assets.py (BERT/MiniLM, GPT-2, SmolLM2, Llama 3, Qwen 2.5, GLM-4) and every corpus
 (BBC News, tweets, multilingual word lists): U, U/V, and the AdamW training state (16 bytes a parameter: fp32
 weight, gradient, two moments) of the embedding matrices with and without PEMA, for the model shape that uses
-that tokenizer (an untied LM head counts twice). Like the paper's table, scanned with pema_triton.scan_vocabulary.
+that tokenizer (an untied LM head counts twice). PEMA `restricted` keeps U rows of each; `frozen` (the default for
+an LM head) also keeps the head's frozen [V, D] fp32 matrix on the device for full-vocabulary logits (encoders:
+input side only, so both agree). Like the paper's table, scanned with pema_triton.scan_vocabulary.
 
     python bench/vocab_usage.py      # ~1 minute on 2 CPU cores
 Writes bench/results/vocab_usage.{json,md,png}.
@@ -25,6 +27,10 @@ from pema_triton import scan_vocabulary, special_token_ids  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ADAMW_BYTES = 16  # fp32 weight + gradient + exp_avg + exp_avg_sq
+# The model whose shape (D, tied, has an LM head) each tokenizer's row is computed for.
+MODEL_SHAPES = {"bert (MiniLM)": ("bert-base", False), "gpt2": ("GPT-2 124M", True),
+                "smollm2-135m": ("SmolLM2-135M", True), "llama-3-8b": ("Llama-3-8B", True),
+                "qwen2.5-0.5b": ("Qwen2.5-0.5B", True), "glm-4-9b": ("GLM-4-9B", True)}
 
 
 def corpora() -> dict[str, list[str]]:
@@ -51,13 +57,17 @@ def main():
             start = time.perf_counter()
             chunks = (torch.tensor(ids) for ids in tokenizer(docs, add_special_tokens=True)["input_ids"] if ids)
             used = scan_vocabulary(chunks, vocab_size, keep=special_token_ids(tokenizer), device="cpu", progress=False)
+            shape, has_head = MODEL_SHAPES[name]
             before = matrices * vocab_size * dim * ADAMW_BYTES
             after = matrices * used.numel() * dim * ADAMW_BYTES
+            frozen_head = vocab_size * dim * 4 if has_head else 0  # the frozen [V, D] fp32 matrix of the head
             rows.append({
-                "tokenizer": name, "corpus": corpus, "V": vocab_size, "U": int(used.numel()),
-                "U/V": used.numel() / vocab_size, "D": dim, "tied": tied,
+                "tokenizer": name, "model_shape": shape, "corpus": corpus, "V": vocab_size, "U": int(used.numel()),
+                "U/V": used.numel() / vocab_size, "D": dim, "tied": tied, "lm_head": has_head,
                 "embedding_state_bytes_full": before, "embedding_state_bytes_pema": after,
-                "saved_bytes": before - after, "seconds": time.perf_counter() - start,
+                "embedding_state_bytes_pema_frozen": after + frozen_head,
+                "saved_bytes": before - after, "saved_bytes_frozen": before - after - frozen_head,
+                "seconds": time.perf_counter() - start,
             })
             print(f"{name:14s} {corpus:34s} U={used.numel():>7,} of {vocab_size:>7,} ({used.numel() / vocab_size:6.1%})",
                   flush=True)
@@ -66,18 +76,29 @@ def main():
     (RESULTS / "vocab_usage.json").write_text(json.dumps(rows, indent=2) + "\n")
     gib = 2**30
     lines = [
-        "| tokenizer (model shape) | corpus | V | U | U/V | embedding AdamW state: full → PEMA | saved |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| tokenizer | model shape | corpus | V | U | U/V | embedding state, full | PEMA `restricted` (saved) "
+        "| PEMA `frozen` (saved) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['tokenizer']} (D={r['D']}, {'tied' if r['tied'] else 'untied'}) | {r['corpus']} | {r['V']:,} | "
-            f"{r['U']:,} | {r['U/V']:.1%} | {r['embedding_state_bytes_full'] / gib:.2f} → "
-            f"{r['embedding_state_bytes_pema'] / gib:.2f} GiB | {r['saved_bytes'] / gib:.2f} GiB |"
+            f"| {r['tokenizer']} | {r['model_shape']} (D={r['D']}, {_layout(r)}) | "
+            f"{r['corpus']} | {r['V']:,} | {r['U']:,} | {r['U/V']:.1%} | {r['embedding_state_bytes_full'] / gib:.2f} GiB | "
+            f"{r['embedding_state_bytes_pema'] / gib:.2f} GiB ({r['saved_bytes'] / gib:.2f}) | "
+            f"{r['embedding_state_bytes_pema_frozen'] / gib:.2f} GiB ({r['saved_bytes_frozen'] / gib:.2f}) |"
         )
+    lines += ["", "Embedding state: fp32 weights, gradients and AdamW's two moments of the embedding matrices "
+              "(16 bytes a parameter). `frozen` also keeps the head's frozen [V, D] fp32 matrix on the device; "
+              "bert-base has no LM head here (classification), so both modes agree."]
     (RESULTS / "vocab_usage.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows, texts)
+
+
+def _layout(row) -> str:
+    if not row["lm_head"]:
+        return "input embedding only"
+    return "tied" if row["tied"] else "untied"
 
 
 def plot(rows, texts):
