@@ -30,22 +30,42 @@ def pick_blocks(dim: int, max_elements: int) -> tuple[int, int]:
 
 
 @triton.jit
-def load_compact_rows(ids_ptr, remap_ptr, N, V, BLOCK_N: tl.constexpr):
-    """The BLOCK_N ids of this program (grid axis 0) mapped to their compact rows, as lookup and scatter need.
+def load_ids(ids_ptr, N, V, BLOCK_N: tl.constexpr):
+    """The BLOCK_N ids of this program (grid axis 0), as every kernel here reads them.
 
     Returns:
         o_n: [BLOCK_N] int64 token offsets (int64: N * D passes 2**31 for 1M tokens x 4096).
         m_n: [BLOCK_N] offsets below N.
-        b_rows: [BLOCK_N] int64 compact rows, -1 where an id is out of [0, V) or unused.
-        m_row: [BLOCK_N] offsets below N whose id has a compact row.
+        b_ids: [BLOCK_N] int64 ids (0 past N).
+        m_in_vocab: [BLOCK_N] offsets below N whose id is in [0, V).
     """
     o_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    m_in_vocab = m_n & (b_ids >= 0) & (b_ids < V)
+    return o_n, m_n, b_ids, m_n & (b_ids >= 0) & (b_ids < V)
+
+
+@triton.jit
+def load_compact_rows(ids_ptr, remap_ptr, N, V, BLOCK_N: tl.constexpr):
+    """The BLOCK_N ids of this program mapped to their compact rows, as lookup and scatter need.
+
+    Returns:
+        o_n, m_n: as :func:`load_ids`.
+        b_rows: [BLOCK_N] int64 compact rows, -1 where an id is out of [0, V) or unused.
+        m_row: [BLOCK_N] offsets below N whose id has a compact row.
+    """
+    o_n, m_n, b_ids, m_in_vocab = load_ids(ids_ptr, N, V, BLOCK_N)
     # Out-of-vocabulary ids are never dereferenced: the remap load is masked, so no read leaves [0, V).
     b_rows = tl.load(remap_ptr + b_ids, mask=m_in_vocab, other=-1).to(tl.int64)
     return o_n, m_n, b_rows, m_in_vocab & (b_rows >= 0)
 
 
-__all__ = ["INTERPRET", "load_compact_rows", "pick_blocks"]
+@triton.jit
+def count_into(counter_ptr, mask):
+    """Adds the number of set lanes of `mask` to the [1] int32 counter: one atomic per program, none if zero."""
+    num = tl.sum(mask.to(tl.int32), axis=0)
+    if num > 0:
+        tl.atomic_add(counter_ptr, num)
+
+
+__all__ = ["INTERPRET", "count_into", "load_compact_rows", "load_ids", "pick_blocks"]

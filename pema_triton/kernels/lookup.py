@@ -8,7 +8,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._checks import check_lookup_inputs
-from . import load_compact_rows, pick_blocks
+from . import count_into, load_compact_rows, pick_blocks
 
 
 @triton.jit
@@ -30,9 +30,7 @@ def _lookup_kernel(
     m_d = o_d < D
     if i_d == 0:
         # One program column counts, so each bad id is counted once; the launcher raises if any were seen.
-        num_bad = tl.sum((m_n & ~m_row).to(tl.int32), axis=0)
-        if num_bad > 0:
-            tl.atomic_add(num_bad_ptr, num_bad)
+        count_into(num_bad_ptr, m_n & ~m_row)
 
     m_tile = m_row[:, None] & m_d[None, :]
     b_w = tl.load(weight_ptr + b_rows[:, None] * D + o_d[None, :], mask=m_tile, other=0.0)

@@ -19,7 +19,11 @@ from torch.library import wrap_triton
 
 from .._checks import check_ids, check_scan_state
 from ..errors import PemaDTypeError
-from . import INTERPRET
+from . import INTERPRET, count_into, load_ids
+
+# Ids a program: 4096 ids of 4-8 bytes stream 16-32 KiB of input each. The interpreter runs programs one at a
+# time, so it gets few large ones.
+_SCAN_BLOCK = 65536 if INTERPRET else 4096
 
 
 @triton.jit
@@ -35,18 +39,12 @@ def _scan_kernel(
     HAS_IGNORE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m_n = o_n < N
-    b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    m_valid = m_n & (b_ids >= 0) & (b_ids < V)
+    _, m_n, b_ids, m_valid = load_ids(ids_ptr, N, V, BLOCK)
     m_bad = m_n & ~m_valid
     if HAS_IGNORE:
         m_bad = m_bad & (b_ids != ignore_index)
         m_valid = m_valid & (b_ids != ignore_index)  # skipped even where it is a real id (e.g. a pad label)
-    num_bad = tl.sum(m_bad.to(tl.int32), axis=0)
-    if num_bad > 0:
-        tl.atomic_add(num_bad_ptr, num_bad)
+    count_into(num_bad_ptr, m_bad)
     tl.store(bitmap_ptr + b_ids, tl.full([BLOCK], 1, tl.uint8), mask=m_valid)
     if HAS_COUNTS:
         tl.atomic_add(counts_ptr + b_ids, tl.full([BLOCK], 1, tl.int64), mask=m_valid)
@@ -74,9 +72,7 @@ def scan_ids(
     num_ids = flat_ids.numel()
     num_bad = torch.zeros(1, dtype=torch.int32, device=ids.device)
     if num_ids:
-        # 4096 ids a program: one id is 4-8 bytes, so each program streams 16-32 KiB of input.
-        block = 65536 if INTERPRET else 4096
-        wrap_triton(_scan_kernel)[(triton.cdiv(num_ids, block),)](
+        wrap_triton(_scan_kernel)[(triton.cdiv(num_ids, _SCAN_BLOCK),)](
             flat_ids,
             bitmap,
             counts if counts is not None else bitmap,
@@ -86,7 +82,7 @@ def scan_ids(
             ignore_index if ignore_index is not None else 0,
             HAS_COUNTS=counts is not None,
             HAS_IGNORE=ignore_index is not None,
-            BLOCK=block,
+            BLOCK=_SCAN_BLOCK,
         )
     return num_bad
 
@@ -100,13 +96,8 @@ def _scan_packed_kernel(
     V,  # vocabulary size
     BLOCK: tl.constexpr,
 ):
-    o_n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m_n = o_n < N
-    b_ids = tl.load(ids_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    m_valid = m_n & (b_ids >= 0) & (b_ids < V)
-    num_bad = tl.sum((m_n & ~m_valid).to(tl.int32), axis=0)
-    if num_bad > 0:
-        tl.atomic_add(num_bad_ptr, num_bad)
+    _, m_n, b_ids, m_valid = load_ids(ids_ptr, N, V, BLOCK)
+    count_into(num_bad_ptr, m_n & ~m_valid)
     # Bit 31 wraps to the int32 sign bit, which is what the OR needs.
     b_bits = (tl.full([BLOCK], 1, tl.int64) << (b_ids & 31)).to(tl.int32)
     tl.atomic_or(words_ptr + (b_ids >> 5), b_bits, mask=m_valid)
@@ -125,9 +116,8 @@ def scan_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> 
     flat_ids = ids.reshape(-1).contiguous()
     num_bad = torch.zeros(1, dtype=torch.int32, device=ids.device)
     if flat_ids.numel():
-        block = 65536 if INTERPRET else 4096
-        _scan_packed_kernel[(triton.cdiv(flat_ids.numel(), block),)](
-            flat_ids, words, num_bad, flat_ids.numel(), vocab_size, BLOCK=block
+        _scan_packed_kernel[(triton.cdiv(flat_ids.numel(), _SCAN_BLOCK),)](
+            flat_ids, words, num_bad, flat_ids.numel(), vocab_size, BLOCK=_SCAN_BLOCK
         )
     return num_bad
 
