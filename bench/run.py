@@ -5,7 +5,7 @@
 
 Kernel results: the raw pytest-benchmark JSON, and a markdown table with, per case, each provider's median time,
 its speed-up over the baseline measured in the same run, and its achieved bandwidth (bytes the op must move /
-median time) next to the device's peak. On a GPU the issue's goals are checked: lookup at least as fast as
+median time) next to the device's peak. On a GPU the project's targets (docs/design.md) are checked: lookup at least as fast as
 F.embedding and at 85% of peak on large inputs, backward 3x faster than the full-vocabulary backward at V=128k,
 scan 20x faster than torch.unique.
 """
@@ -95,7 +95,7 @@ def environment() -> dict:
 
 
 def goals(rows) -> list[str]:
-    """The issue's targets, judged on this run (they are GPU targets; on a CPU they describe the reference path)."""
+    """The project's kernel targets (docs/design.md), judged on this run (they are GPU targets; on a CPU they describe the reference path)."""
     def pick(op, provider, pred=lambda case: True):
         return [r for r in rows if r["op"] == op and r["provider"] == provider and pred(r["case"])]
 

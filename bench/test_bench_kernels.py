@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from conftest import DEVICE, ON_GPU, run_benchmark
 
 import pema_triton
-from pema_triton.reference import build_remap, used_ids_from_bitmap
+from pema_triton.remap import build_remap
+from pema_triton.vocab import used_ids_from_byte_map
 
 FULL = os.environ.get("PEMA_BENCH_GRID", "default") == "full"
 if ON_GPU:
@@ -155,15 +156,15 @@ def test_scan(benchmark, peak, V, N, provider):
     gen = torch.Generator().manual_seed(0)
     ids = (torch.rand(N, generator=gen) ** 3 * V).long().clamp_(max=V - 1).to(DEVICE)
     expected = torch.unique(ids)
-    bitmap = torch.zeros(V, dtype=torch.uint8, device=DEVICE)
+    byte_map = torch.zeros(V, dtype=torch.uint8, device=DEVICE)
 
     def mark():
-        bitmap.zero_()
-        pema_triton.scan_ids(ids, bitmap)
-        return bitmap
+        byte_map.zero_()
+        pema_triton.scan_ids(ids, byte_map)
+        return byte_map
 
     fns = {
-        "pema": lambda: used_ids_from_bitmap(mark()),
+        "pema": lambda: used_ids_from_byte_map(mark()),
         "pema-map-only": mark,
         "torch.unique": lambda: torch.unique(ids),
         "torch.bincount": lambda: torch.nonzero(torch.bincount(ids, minlength=V)).flatten(),
@@ -171,13 +172,13 @@ def test_scan(benchmark, peak, V, N, provider):
     if provider == "numpy-bincount-datasets.map":
         fns[provider] = _upstream_scan(ids.cpu(), V)
     if provider == "pema-packed-bits":
-        from pema_triton.kernels.scan import scan_ids_packed, used_ids_from_packed
+        from pema_triton.kernels import mark_ids_packed, used_ids_from_packed
 
         words = torch.zeros((V + 31) // 32, dtype=torch.int32, device=DEVICE)
 
         def packed():
             words.zero_()
-            scan_ids_packed(ids, words, V)
+            mark_ids_packed(ids, words, V)
             return used_ids_from_packed(words, V)
 
         fns[provider] = packed

@@ -18,10 +18,13 @@ from .errors import (
     UsedIdsError,
     VocabularySizeError,
 )
-from .modules import CompactEmbedding, CompactLMHead
-from .ops import HAS_TRITON, compact_embedding, compact_embedding_backward, scan_ids
-from .reference import build_remap
-from .replace import PemaHandle, get_handle, replace_embeddings, restore_embeddings
+from .embedding import CompactEmbedding
+from .handle import PemaHandle, get_handle
+from .head import CompactLMHead
+from .modes import OutputMode
+from .ops import HAS_TRITON, compact_embedding, compact_embedding_backward, resolve_backend, scan_ids
+from .remap import Compaction, build_remap
+from .replace import replace_embeddings, restore_embeddings
 from .vocab import VocabularyScan, scan_vocabulary, special_token_ids
 
 __version__ = "0.1.0"
@@ -31,9 +34,11 @@ __all__ = [
     "BackendError",
     "CompactEmbedding",
     "CompactLMHead",
+    "Compaction",
     "HAS_TRITON",
     "IdOutOfRangeError",
     "NotCompactedError",
+    "OutputMode",
     "PemaDTypeError",
     "PemaError",
     "PemaHandle",
@@ -49,6 +54,7 @@ __all__ = [
     "compact_embedding_backward",
     "get_handle",
     "replace_embeddings",
+    "resolve_backend",
     "restore_embeddings",
     "scan_ids",
     "scan_vocabulary",

@@ -13,7 +13,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .replace import get_handle, restore_embeddings
+from .handle import get_handle
+from .replace import restore_embeddings
 
 __all__ = ["PemaCallback"]
 

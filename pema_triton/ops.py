@@ -1,4 +1,4 @@
-"""Functional ops: autograd-aware compact lookup and the vocabulary scan, each choosing Triton or PyTorch.
+"""Functional ops: autograd-aware compact lookup, the frozen head's linear, and the vocabulary scan.
 
 The lookup and its backward are `torch.library` custom ops (`triton_op` where Triton is installed), so
 `torch.compile` sees them as single nodes with a known output shape, and autograd is registered on the op.
@@ -14,16 +14,14 @@ Backends (`backend=`):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
-from ._checks import raise_for_bad_ids
-from .errors import BackendError, IdOutOfRangeError, format_ids
+from .errors import BackendError
+from .remap import raise_for_bad_ids, raise_for_out_of_range
 
 try:
     from . import kernels as _kernels
-    from .kernels.lookup import lookup_forward as _triton_lookup
-    from .kernels.scan import scan_ids as _triton_scan
-    from .kernels.scatter import scatter_backward as _triton_scatter
 
     HAS_TRITON = True
 except ImportError:  # Triton is Linux-only; macOS and Windows users get the PyTorch path.
@@ -31,19 +29,21 @@ except ImportError:  # Triton is Linux-only; macOS and Windows users get the PyT
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "HAS_TRITON", "compact_embedding", "compact_embedding_backward", "scan_ids", "use_triton"]
+__all__ = [
+    "BACKENDS", "HAS_TRITON", "compact_embedding", "compact_embedding_backward", "frozen_head_linear",
+    "resolve_backend", "scan_ids",
+]
 
 
-def use_triton(backend: str, device: torch.device) -> bool:
-    """Whether `backend` runs the Triton kernels for tensors on `device`.
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend that runs for tensors on `device`: "triton" or "torch".
 
     Raises:
         BackendError: `backend="triton"` where Triton cannot run, or an unknown backend name.
     """
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
+    device = torch.device(device)
     runnable = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET))
     if backend == "triton" and not runnable:
         why = (
@@ -52,7 +52,11 @@ def use_triton(backend: str, device: torch.device) -> bool:
             else f"tensors on {device} need a CUDA device, or TRITON_INTERPRET=1 set before pema_triton is imported"
         )
         raise BackendError(f'backend="triton" cannot run here: {why}. Use backend="auto" or "torch".')
-    return runnable
+    return "triton" if runnable and backend != "torch" else "torch"
+
+
+def _uses_kernels(backend: str, device: torch.device) -> bool:
+    return resolve_backend(backend, device) == "triton"
 
 
 _custom_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
@@ -68,9 +72,7 @@ def _lookup_op(
     use_kernels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # padding_row and deterministic only matter to the backward; they are op inputs so autograd can see them.
-    if use_kernels:
-        return _triton_lookup(ids, remap, weight)
-    return reference.lookup(ids, remap, weight)
+    return (_kernels if use_kernels else reference).lookup(ids, remap, weight)
 
 
 @_lookup_op.register_fake
@@ -89,7 +91,7 @@ def _lookup_backward_op(
     use_kernels: bool,
 ) -> torch.Tensor:
     if use_kernels:
-        return _triton_scatter(grad_out, ids, remap, num_rows, padding_row, deterministic)
+        return _kernels.lookup_backward(grad_out, ids, remap, num_rows, padding_row, deterministic)
     return reference.lookup_backward(grad_out, ids, remap, num_rows, padding_row)
 
 
@@ -154,7 +156,7 @@ def compact_embedding(
         >>> compact_embedding(torch.tensor([[5, 7, 2]]), remap, torch.randn(3, 4)).shape
         torch.Size([1, 3, 4])
     """
-    use_kernels = use_triton(backend, weight.device)
+    use_kernels = _uses_kernels(backend, weight.device)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     out, num_bad = _lookup_op(ids, remap, weight, int(padding_row), bool(deterministic), use_kernels)
@@ -181,7 +183,7 @@ def compact_embedding_backward(
     Returns:
         [U, D] in grad_out's dtype, accumulated in float32. Nothing [V, D] is allocated.
     """
-    use_kernels = use_triton(backend, grad_out.device)
+    use_kernels = _uses_kernels(backend, grad_out.device)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return _lookup_backward_op(grad_out, ids, remap, int(num_rows), int(padding_row), bool(deterministic), use_kernels)
@@ -189,17 +191,17 @@ def compact_embedding_backward(
 
 def scan_ids(
     ids: torch.Tensor,
-    bitmap: torch.Tensor,
+    byte_map: torch.Tensor,
     counts: torch.Tensor | None = None,
     *,
     ignore_index: int | None = None,
     backend: str = "auto",
 ) -> None:
-    """Marks each id of `ids` in `bitmap` (and counts it); call once per chunk to stream a dataset.
+    """Marks each id of `ids` in `byte_map` (and counts it); call once per chunk to stream a dataset.
 
     Args:
-        ids: [*] token ids, int32 or int64, on bitmap's device.
-        bitmap: [V] uint8, set to 1 at every id seen (in place).
+        ids: [*] token ids, int32 or int64, on byte_map's device.
+        byte_map: [V] uint8, set to 1 at every id seen (in place).
         counts: [V] int64 occurrences, incremented in place, or None.
         ignore_index: an id to skip (-100 for ignored labels), or None.
         backend: "auto", "triton" or "torch".
@@ -208,19 +210,69 @@ def scan_ids(
         IdOutOfRangeError: an id (other than `ignore_index`) outside [0, V); nothing of that chunk is lost
             for the valid ids, which are marked.
     """
-    if use_triton(backend, bitmap.device):
-        num_bad = _triton_scan(ids, bitmap, counts, ignore_index)
-    else:
-        num_bad = reference.scan(ids, bitmap, counts, ignore_index)
-    if num_bad.item():
-        flat = ids.reshape(-1).long()
-        outside = (flat < 0) | (flat >= bitmap.numel())
-        if ignore_index is not None:
-            outside &= flat != ignore_index
-        bad = torch.unique(flat[outside]).tolist()
-        raise IdOutOfRangeError(
-            f"token ids {format_ids(bad)} are outside the vocabulary [0, {bitmap.numel()}); "
-            f"pass the tokenizer's full size (len(tokenizer)) as vocab_size",
-            bad,
+    impl = _kernels if _uses_kernels(backend, byte_map.device) else reference
+    if impl.mark_ids(ids, byte_map, counts, ignore_index).item():
+        raise_for_out_of_range(
+            ids, byte_map.numel(), ignore_index=ignore_index,
+            hint="pass the tokenizer's full size (len(tokenizer)) as vocab_size",
         )
 
+
+class _FrozenHeadLinear(torch.autograd.Function):
+    """`F.linear(hidden, frozen_weight, frozen_bias)` after writing the trainable rows into the frozen buffers.
+
+    Backward returns [U, D] / [U] gradients for the trainable rows only: never a [V, D] gradient. Under autocast
+    the forward's `F.linear` runs in the autocast dtype, so backward casts its operands to `grad_logits`' dtype,
+    as the cast nodes of a plain `nn.Linear` would; autograd casts the results back to the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, frozen_weight, frozen_bias, used_ids):
+        with torch.no_grad():
+            frozen_weight.index_copy_(0, used_ids, weight)
+            if bias is not None:
+                frozen_bias.index_copy_(0, used_ids, bias)
+        # The trainable `weight` is what autograd version-checks, as for nn.Linear: an in-place update between
+        # forward and backward raises. The buffer is held on ctx, not saved: a second forward before backward
+        # (chosen and rejected passes, a head called twice) rewrites it with the same rows, which is no error.
+        ctx.save_for_backward(hidden, weight, used_ids)
+        ctx.frozen_weight = frozen_weight
+        ctx.has_bias = bias is not None
+        return F.linear(hidden, frozen_weight, frozen_bias)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, _, used_ids = ctx.saved_tensors
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = grad_logits.matmul(ctx.frozen_weight.to(grad_logits.dtype))
+        grad_used = grad_logits.index_select(-1, used_ids).reshape(-1, used_ids.numel())  # [B*T, U]
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_used.t().matmul(hidden.reshape(-1, hidden.shape[-1]).to(grad_logits.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_used.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def frozen_head_linear(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    frozen_weight: torch.Tensor,
+    frozen_bias: torch.Tensor | None,
+    used_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Full-vocabulary logits from a head whose used rows train and whose other rows are frozen.
+
+    One GEMM over the whole [V, D] matrix, as the original head runs, so the logits match it bit for bit (two
+    GEMMs over the used and unused rows differ in the last bit on CPU).
+
+    Args:
+        hidden: [*, D]. weight: [U, D] trainable rows; bias: [U] or None.
+        frozen_weight: [V, D] buffer (its rows at `used_ids` are overwritten from `weight`); frozen_bias: [V] or None.
+        used_ids: [U] int64, on the buffers' device.
+
+    Returns:
+        [*, V] logits; gradients flow to `hidden`, `weight` ([U, D]) and `bias` ([U]) only.
+    """
+    return _FrozenHeadLinear.apply(hidden, weight, bias, frozen_weight, frozen_bias, used_ids)

@@ -2,6 +2,7 @@
 
 They are the CPU path for users without a GPU and the oracle every Triton kernel is tested against, so they
 favour clarity over speed; each mirrors its kernel's contract exactly (shapes, dtypes, what counts as a bad id).
+Nothing outside tests and `pema_triton.ops` imports this module: production helpers live in `remap` and `_checks`.
 
 Notation: V the original vocabulary size, U the number of used ids (rows of the compact matrix), D the
 embedding width, N the number of token ids in a batch.
@@ -12,24 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_lookup_inputs, check_scan_state, check_scatter_inputs
+from ._checks import accumulation_dtype, check_lookup_inputs, check_scan_state, check_scatter_inputs
+from .remap import compact_rows
+
+__all__ = ["lookup", "lookup_backward", "mark_ids"]
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Gradients accumulate in float32 whatever the weight dtype (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _compact_rows(ids: torch.Tensor, remap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact row of each id (int64, 0 where there is none) and the mask of ids that have one."""
-    flat = ids.reshape(-1).long()
-    in_range = (flat >= 0) & (flat < remap.numel())
-    rows = remap[torch.where(in_range, flat, 0)].long()
-    has_row = in_range & (rows >= 0)
-    return torch.where(has_row, rows, 0), has_row
-
-
-def _in_range(flat: torch.Tensor, vocab_size: int) -> bool:
+def _all_in_vocabulary(flat: torch.Tensor, vocab_size: int) -> bool:
     """Whether every id is in [0, vocab_size): one pass, one host read.
 
     False while torch.compile traces (the ops' bodies must not branch on data): callers then take their
@@ -55,15 +45,16 @@ def lookup(ids: torch.Tensor, remap: torch.Tensor, weight: torch.Tensor) -> tupl
     """
     check_lookup_inputs(ids, remap, weight)
     flat = ids.reshape(-1)
-    if flat.numel() and _in_range(flat, remap.numel()):
-        # Common case, 2.4x faster on CPU than the masked path below (bench/results/kernels_cpu.md): every id is
-        # inside the vocabulary, so the remap gather needs no clamping; only unused ids (-1) can still be bad.
+    if flat.numel() and _all_in_vocabulary(flat, remap.numel()):
+        # Common case: every id is inside the vocabulary, so the table needs no masking and the rows go straight
+        # to F.embedding's gather, skipping the masked path's extra [N, D] pass.
         rows = remap[flat].long()
         num_bad = (rows < 0).sum().to(torch.int32).reshape(1)
         if not num_bad.item():
             return F.embedding(rows, weight).view(*ids.shape, weight.shape[1]), num_bad
-    rows, has_row = _compact_rows(ids, remap)
-    out = weight.index_select(0, rows)
+    rows = compact_rows(ids, remap)
+    has_row = rows >= 0
+    out = weight.index_select(0, rows.clamp(min=0))
     out = torch.where(has_row[:, None], out, out.new_zeros(()))
     num_bad = (~has_row).sum().to(torch.int32).reshape(1)
     return out.view(*ids.shape, weight.shape[1]), num_bad
@@ -85,58 +76,46 @@ def lookup_backward(
     """
     check_scatter_inputs(grad_out, ids, remap, num_rows)
     dim = grad_out.shape[-1]
-    rows, has_row = _compact_rows(ids, remap)
-    keep = has_row & (rows != padding_row)
+    rows = compact_rows(ids, remap)
+    keep = (rows >= 0) & (rows != padding_row)
     acc = torch.zeros(num_rows, dim, dtype=accumulation_dtype(grad_out.dtype), device=grad_out.device)
     acc.index_add_(0, rows[keep], grad_out.reshape(-1, dim)[keep].to(acc.dtype))
     return acc.to(grad_out.dtype)
 
 
-def scan(
+def mark_ids(
     ids: torch.Tensor,
-    bitmap: torch.Tensor,
+    byte_map: torch.Tensor,
     counts: torch.Tensor | None = None,
     ignore_index: int | None = None,
 ) -> torch.Tensor:
-    """Marks in `bitmap` every id of `ids`; adds their occurrences to `counts`. Streams: call per chunk.
+    """Marks in `byte_map` every id of `ids`; adds their occurrences to `counts`. Streams: call per chunk.
 
     Args:
         ids: [*] token ids, int32 or int64.
-        bitmap: [V] uint8, set to 1 at each id seen (in place).
+        byte_map: [V] uint8, set to 1 at each id seen (in place).
         counts: [V] int64 occurrence counts, incremented in place, or None.
         ignore_index: an id to skip silently (e.g. -100, the ignored label), or None.
 
     Returns:
         num_bad: [1] int32, how many ids (other than `ignore_index`) were outside [0, V); they are not marked.
     """
-    check_scan_state(ids, bitmap, counts)
+    check_scan_state(ids, byte_map, counts)
     flat = ids.reshape(-1).long()
-    vocab_size = bitmap.numel()
+    vocab_size = byte_map.numel()
     if ignore_index is not None and 0 <= ignore_index < vocab_size:
         flat = flat[flat != ignore_index]  # an ignored id inside the vocabulary is skipped too, not marked
-    if flat.numel() and _in_range(flat, vocab_size):
-        # Common case: bincount is 5-7x faster on CPU than a masked scatter into the byte map.
+    if flat.numel() and _all_in_vocabulary(flat, vocab_size):
+        # Common case: one bincount instead of a masked scatter into the map (and a second pass for counts).
         seen = torch.bincount(flat, minlength=vocab_size)
-        bitmap |= (seen > 0).to(torch.uint8)
+        byte_map |= (seen > 0).to(torch.uint8)
         if counts is not None:
             counts += seen
         return torch.zeros(1, dtype=torch.int32, device=ids.device)
     valid = (flat >= 0) & (flat < vocab_size)
     skipped = flat == ignore_index if ignore_index is not None else torch.zeros_like(valid)
     seen = flat[valid]
-    bitmap[seen] = 1
+    byte_map[seen] = 1
     if counts is not None:
         counts += torch.bincount(seen, minlength=vocab_size).to(counts.dtype)
     return (~valid & ~skipped).sum().to(torch.int32).reshape(1)
-
-
-def used_ids_from_bitmap(bitmap: torch.Tensor) -> torch.Tensor:
-    """[V] bitmap -> [U] sorted int64 ids whose entry is non-zero."""
-    return torch.nonzero(bitmap).flatten()
-
-
-def build_remap(used_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[U] sorted used ids -> [V] int32 table: `remap[used_ids[i]] = i`, -1 elsewhere."""
-    remap = torch.full((vocab_size,), -1, dtype=torch.int32, device=used_ids.device)
-    remap[used_ids] = torch.arange(used_ids.numel(), dtype=torch.int32, device=used_ids.device)
-    return remap

@@ -6,12 +6,16 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._checks import check_used_ids
 from .errors import PemaError
-from .ops import scan_ids, use_triton
-from .reference import build_remap, used_ids_from_bitmap
+from .ops import resolve_backend, scan_ids
+from .remap import build_remap, validate_used_ids
 
-__all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids"]
+__all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids", "used_ids_from_byte_map"]
+
+
+def used_ids_from_byte_map(byte_map: torch.Tensor) -> torch.Tensor:
+    """[V] byte map -> [U] sorted int64 ids whose entry is non-zero."""
+    return torch.nonzero(byte_map).flatten()
 
 
 class VocabularyScan:
@@ -47,16 +51,16 @@ class VocabularyScan:
         if vocab_size < 1:
             raise PemaError(f"vocab_size must be positive, got {vocab_size}")
         self.device = torch.device(device)
-        use_triton(backend, self.device)  # an impossible backend fails here, not at the first chunk
+        resolve_backend(backend, self.device)  # an impossible backend fails here, not at the first chunk
         self.vocab_size, self.ignore_index, self.backend = vocab_size, ignore_index, backend
-        self.bitmap = torch.zeros(vocab_size, dtype=torch.uint8, device=self.device)
+        self.byte_map = torch.zeros(vocab_size, dtype=torch.uint8, device=self.device)
         self.counts = torch.zeros(vocab_size, dtype=torch.int64, device=self.device) if count else None
         self.num_tokens = 0
 
     def update(self, ids: torch.Tensor) -> VocabularyScan:
         """Marks every id of `ids` [*] (int32/int64). Raises IdOutOfRangeError on ids outside [0, V)."""
         ids = torch.as_tensor(ids).to(self.device, non_blocking=True)
-        scan_ids(ids, self.bitmap, self.counts, ignore_index=self.ignore_index, backend=self.backend)
+        scan_ids(ids, self.byte_map, self.counts, ignore_index=self.ignore_index, backend=self.backend)
         self.num_tokens += ids.numel()
         return self
 
@@ -64,7 +68,7 @@ class VocabularyScan:
         """Enlarges the map to `vocab_size` ids (no-op if already that large); for scans of unknown V."""
         if vocab_size > self.vocab_size:
             extra = vocab_size - self.vocab_size
-            self.bitmap = torch.cat([self.bitmap, self.bitmap.new_zeros(extra)])
+            self.byte_map = torch.cat([self.byte_map, self.byte_map.new_zeros(extra)])
             if self.counts is not None:
                 self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
             self.vocab_size = vocab_size
@@ -77,16 +81,16 @@ class VocabularyScan:
 
     @property
     def num_used(self) -> int:
-        return int(self.bitmap.count_nonzero())
+        return int(self.byte_map.count_nonzero())
 
     def used_ids(self, keep: Iterable[int] | torch.Tensor = ()) -> torch.Tensor:
         """[U] sorted int64 ids seen so far, plus `keep` (ids that must stay, e.g. special tokens)."""
-        bitmap = self.bitmap
+        byte_map = self.byte_map
         keep = torch.as_tensor(list(keep) if not isinstance(keep, torch.Tensor) else keep, dtype=torch.int64)
         if keep.numel():
-            bitmap = bitmap.clone()
-            bitmap[check_used_ids(torch.unique(keep), self.vocab_size, self.device)] = 1
-        return used_ids_from_bitmap(bitmap)
+            byte_map = byte_map.clone()
+            byte_map[validate_used_ids(torch.unique(keep), self.vocab_size).to(self.device)] = 1
+        return used_ids_from_byte_map(byte_map)
 
     def remap(self, keep: Iterable[int] | torch.Tensor = ()) -> torch.Tensor:
         """[V] int32 table: compact row of each used id, -1 elsewhere."""

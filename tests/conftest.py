@@ -1,24 +1,11 @@
-"""Kernel tests run on CUDA where there is one, else on CPU under the Triton interpreter.
-
-TRITON_INTERPRET must be set before pema_triton (and so its @triton.jit kernels) is imported.
-"""
+"""Fixtures and the CI skip policy. Shared helpers live in tests/helpers/ (imported first: it sets
+TRITON_INTERPRET where there is no GPU, before anything imports pema_triton)."""
 
 import os
 
+import helpers  # noqa: F401  (first: TRITON_INTERPRET before pema_triton is imported)
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pema_triton  # noqa: E402  (after TRITON_INTERPRET)
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_GPU = DEVICE.type == "cuda"
-# Backends every op test compares: the reference always, Triton where it can run (GPU, or the interpreter).
-BACKENDS = ["torch"] + (["triton"] if pema_triton.ops.use_triton("auto", DEVICE) else [])
-
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
 
 def test_demo_runs_and_pema_equals_its_baselines():
-    import real_assets
+    from helpers import real_assets
 
     real_assets.minilm_dir()  # skipped (or failing under PEMA_REQUIRE_ASSETS) without the offline assets
     args = ["--train", "32", "--test", "16", "--max-length", "64", "--lm-steps", "2", "--lm-seq-len", "32"]

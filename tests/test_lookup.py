@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, DEVICE, ON_GPU, gpu_only
+from helpers.devices import BACKENDS, DEVICE, ON_GPU, gpu_only
 
 import pema_triton
-from _cases import CASE_IDS, CASES, make_case, scatter_tolerance
+from helpers.cases import CASE_IDS, CASES, make_case, scatter_tolerance
 from pema_triton import reference
 from pema_triton.errors import BackendError, IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError
 
@@ -105,13 +105,13 @@ def test_deterministic_algorithms_select_the_sorted_backward(monkeypatch):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
     seen = []
-    real = pema_triton.ops._triton_scatter
+    real = pema_triton.kernels.lookup_backward
 
     def spy(*args):
         seen.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(pema_triton.ops, "_triton_scatter", spy)
+    monkeypatch.setattr(pema_triton.kernels, "lookup_backward", spy)
     used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
     weight = torch.randn(11, 5, device=DEVICE, requires_grad=True)
     pema_triton.compact_embedding(ids, remap, weight, backend="triton").sum().backward()
@@ -152,14 +152,14 @@ def test_bad_ids_raise_typed_errors_naming_them(backend):
 def test_triton_backend_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
     if not pema_triton.HAS_TRITON:
         with pytest.raises(BackendError, match="not installed"):
-            pema_triton.ops.use_triton("triton", torch.device("cpu"))
+            pema_triton.resolve_backend("triton", torch.device("cpu"))
         return
     monkeypatch.setattr(pema_triton.ops._kernels, "INTERPRET", False)
     with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
-        pema_triton.ops.use_triton("triton", torch.device("cpu"))
-    assert pema_triton.ops.use_triton("auto", torch.device("cpu")) is False
+        pema_triton.resolve_backend("triton", torch.device("cpu"))
+    assert pema_triton.resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(BackendError, match="backend must be one of"):
-        pema_triton.ops.use_triton("cuda", torch.device("cpu"))
+        pema_triton.resolve_backend("cuda", torch.device("cpu"))
     assert isinstance(BackendError("x"), PemaError)
 
 

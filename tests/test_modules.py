@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, ON_GPU
+from helpers.devices import BACKENDS, DEVICE, ON_GPU
 from torch import nn
 
 import pema_triton
@@ -149,7 +149,7 @@ def test_frozen_head_logits_equal_full_head_and_gradients_are_used_rows(bias):
         torch.testing.assert_close(head.bias.grad, full.bias.grad[used])
     trainable = [p for p in head.parameters() if p.requires_grad]
     assert all(p.shape[0] == len(USED) for p in trainable)  # nothing [V, D] trains
-    assert not head.full_weight.requires_grad and head.full_weight.grad is None
+    assert not head.frozen_weight.requires_grad and head.frozen_weight.grad is None
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -220,13 +220,13 @@ def test_frozen_head_follows_training_of_its_used_rows():
 def test_restricted_head_gives_used_columns_and_expands_to_full_vocab(bias):
     torch.manual_seed(0)
     full = nn.Linear(D, V, bias=bias).to(DEVICE)
-    head = CompactLMHead(full, USED, mode="restricted")
+    head = CompactLMHead(full, USED, output="restricted")
     hidden = torch.randn(2, 7, D, device=DEVICE)
 
     logits = head(hidden)
     assert logits.shape == (2, 7, len(USED)) and head.out_features == len(USED)
     torch.testing.assert_close(logits, full(hidden)[..., USED.to(DEVICE)])
-    assert not hasattr(head, "full_weight")  # unused rows are not kept
+    assert not hasattr(head, "frozen_weight")  # unused rows are not kept
 
     expanded = head.expand_logits(logits)
     assert expanded.shape == (2, 7, V)
@@ -261,8 +261,8 @@ def test_tied_head_shares_the_embedding_parameter(mode):
 
 
 def test_head_mode_is_checked():
-    with pytest.raises(PemaError, match="mode must be one of"):
-        CompactLMHead(nn.Linear(D, V), USED, mode="trimmed")
+    with pytest.raises(PemaError, match="output must be one of"):
+        CompactLMHead(nn.Linear(D, V), USED, output="trimmed")
 
 
 def test_public_api_is_exported():

@@ -9,9 +9,9 @@ k AdamW steps (weight decay 0), losses compared step by step and every weight af
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, DEVICE, ON_GPU
+from helpers.devices import BACKENDS, DEVICE, ON_GPU
 
-import real_assets
+from helpers import real_assets
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids
 
 transformers = pytest.importorskip("transformers")

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import BACKENDS
+from helpers.devices import BACKENDS
 
-import tiny_models
+from helpers import tiny_models
 from pema_triton import (
     AlreadyCompactedError,
     CompactEmbedding,
@@ -143,16 +143,16 @@ def test_bad_models_are_typed_errors_naming_the_module_and_change_nothing():
     _assert_unchanged(model, before, structure)
 
 
-def test_output_false_compacts_the_input_only_and_refuses_to_untie():
+def test_output_none_compacts_the_input_only_and_refuses_to_untie():
     model = tiny_models.build("gpt2")  # tied
     used, _ = tiny_models.used_ids_and_batch(model)
     before, structure = _snapshot(model), _structure(model)
     with pytest.raises(PemaError, match="silently untying them"):
-        replace_embeddings(model, used, output=False)
+        replace_embeddings(model, used, output=None)
     _assert_unchanged(model, before, structure)
 
     untied = tiny_models.build("llama-untied")
-    replace_embeddings(untied, tiny_models.used_ids_and_batch(untied)[0], output=False)
+    replace_embeddings(untied, tiny_models.used_ids_and_batch(untied)[0], output=None)
     assert isinstance(untied.get_input_embeddings(), CompactEmbedding)
     assert type(untied.get_output_embeddings()) is torch.nn.Linear
     restore_embeddings(untied)
@@ -373,7 +373,7 @@ def test_generate_with_the_input_side_only_embeds_unused_ids_from_the_kept_matri
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=int(used[0]))
     expected = model.generate(ids[:, :4], **kwargs)
     assert not set(expected.flatten().tolist()) <= set(used.tolist())  # it does emit unused ids
-    replace_embeddings(model, used, output=False)  # head untouched; full input matrix offloaded to the CPU
+    replace_embeddings(model, used, output=None)  # head untouched; full input matrix offloaded to the CPU
     assert torch.equal(model.generate(ids[:, :4], **kwargs), expected)
     restore_embeddings(model)
     assert "unused_rows" not in model.get_input_embeddings().__dict__

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE
+from helpers.devices import BACKENDS, DEVICE
 
 import pema_triton
-from pema_triton import reference
+from pema_triton.vocab import used_ids_from_byte_map
 from pema_triton.errors import IdOutOfRangeError, PemaDTypeError, UsedIdsError
 
 
@@ -29,11 +29,11 @@ def test_scan_matches_unique_and_bincount(vocab_size, shape, id_dtype, backend):
     ids = (torch.rand(shape, generator=gen) ** 4 * vocab_size).long().clamp_(max=vocab_size - 1)
     ids.view(-1)[0] = vocab_size - 1
     ids = ids.to(device=DEVICE, dtype=id_dtype)
-    bitmap, counts = _fresh(vocab_size)
+    byte_map, counts = _fresh(vocab_size)
 
-    pema_triton.scan_ids(ids, bitmap, counts, backend=backend)
+    pema_triton.scan_ids(ids, byte_map, counts, backend=backend)
 
-    assert torch.equal(reference.used_ids_from_bitmap(bitmap), torch.unique(ids.long()))
+    assert torch.equal(used_ids_from_byte_map(byte_map), torch.unique(ids.long()))
     assert torch.equal(counts, torch.bincount(ids.reshape(-1).long(), minlength=vocab_size))
 
 
@@ -42,39 +42,39 @@ def test_scan_streams_chunks_into_one_map(backend):
     vocab_size = 5000
     chunks = [torch.randint(0, vocab_size, (n,), device=DEVICE) for n in (1, 700, 3, 4096)]
     chunks.append(torch.full((2, 9), 4999, device=DEVICE))  # every id the same
-    bitmap, counts = _fresh(vocab_size)
+    byte_map, counts = _fresh(vocab_size)
     for chunk in chunks:
-        pema_triton.scan_ids(chunk, bitmap, counts, backend=backend)
+        pema_triton.scan_ids(chunk, byte_map, counts, backend=backend)
     everything = torch.cat([c.reshape(-1) for c in chunks])
-    assert torch.equal(reference.used_ids_from_bitmap(bitmap), torch.unique(everything))
+    assert torch.equal(used_ids_from_byte_map(byte_map), torch.unique(everything))
     assert torch.equal(counts, torch.bincount(everything, minlength=vocab_size))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scan_ignore_index_and_out_of_range(backend):
-    bitmap, counts = _fresh(10)
+    byte_map, counts = _fresh(10)
     labels = torch.tensor([[-100, 3, 3, -100, 9]], device=DEVICE)
-    pema_triton.scan_ids(labels, bitmap, counts, ignore_index=-100, backend=backend)
-    assert reference.used_ids_from_bitmap(bitmap).tolist() == [3, 9]
+    pema_triton.scan_ids(labels, byte_map, counts, ignore_index=-100, backend=backend)
+    assert used_ids_from_byte_map(byte_map).tolist() == [3, 9]
     assert counts.tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 0, 1]
 
     # An ignored id inside the vocabulary (a pad id used as the ignored label) is skipped too, in both paths.
-    bitmap_pad, counts_pad = _fresh(10)
-    pema_triton.scan_ids(torch.tensor([0, 5, 0, 7], device=DEVICE), bitmap_pad, counts_pad, ignore_index=0,
+    byte_map_pad, counts_pad = _fresh(10)
+    pema_triton.scan_ids(torch.tensor([0, 5, 0, 7], device=DEVICE), byte_map_pad, counts_pad, ignore_index=0,
                          backend=backend)
-    assert reference.used_ids_from_bitmap(bitmap_pad).tolist() == [5, 7]
+    assert used_ids_from_byte_map(byte_map_pad).tolist() == [5, 7]
     assert counts_pad.tolist() == [0, 0, 0, 0, 0, 1, 0, 1, 0, 0]
 
     with pytest.raises(IdOutOfRangeError, match=r"\[-100, 10, 12\] are outside the vocabulary \[0, 10\)") as err:
-        pema_triton.scan_ids(torch.tensor([1, 10, -100, 12], device=DEVICE), bitmap, backend=backend)
+        pema_triton.scan_ids(torch.tensor([1, 10, -100, 12], device=DEVICE), byte_map, backend=backend)
     assert err.value.ids == [-100, 10, 12]
-    assert bitmap[1] == 1  # the valid ids of the chunk are still marked
+    assert byte_map[1] == 1  # the valid ids of the chunk are still marked
     with pytest.raises(PemaDTypeError, match="int32 or int64"):
-        pema_triton.scan_ids(torch.tensor([1.0], device=DEVICE), bitmap, backend=backend)
-    with pytest.raises(PemaDTypeError, match="bitmap must be a contiguous 1-D uint8"):
-        pema_triton.scan_ids(torch.tensor([1], device=DEVICE), bitmap.bool(), backend=backend)
+        pema_triton.scan_ids(torch.tensor([1.0], device=DEVICE), byte_map, backend=backend)
+    with pytest.raises(PemaDTypeError, match="byte_map must be a contiguous 1-D uint8"):
+        pema_triton.scan_ids(torch.tensor([1], device=DEVICE), byte_map.bool(), backend=backend)
     with pytest.raises(PemaDTypeError, match="counts must be a contiguous int64"):
-        pema_triton.scan_ids(torch.tensor([1], device=DEVICE), bitmap, counts.int(), backend=backend)
+        pema_triton.scan_ids(torch.tensor([1], device=DEVICE), byte_map, counts.int(), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,7 +104,7 @@ def test_build_remap_round_trips():
 @pytest.mark.parametrize("vocab_size", [1, 31, 32, 33, 30_522, 1_000_000])
 def test_packed_bit_scan_equals_the_byte_map(vocab_size):
     """The layout kept for the benchmark marks the same ids, including bit 31 (the int32 sign bit) and V - 1."""
-    from pema_triton.kernels.scan import scan_ids_packed, used_ids_from_packed
+    from pema_triton.kernels import mark_ids_packed, used_ids_from_packed
 
     gen = torch.Generator().manual_seed(0)
     ids = (torch.rand(50_000, generator=gen) ** 4 * vocab_size).long().clamp_(max=vocab_size - 1)
@@ -112,6 +112,6 @@ def test_packed_bit_scan_equals_the_byte_map(vocab_size):
     ids = ids.to(DEVICE)
     words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32, device=DEVICE)
     for chunk in ids.split(20_000):  # streams like the byte map
-        assert int(scan_ids_packed(chunk, words, vocab_size)) == 0
+        assert int(mark_ids_packed(chunk, words, vocab_size)) == 0
     assert torch.equal(used_ids_from_packed(words, vocab_size), torch.unique(ids))
-    assert int(scan_ids_packed(torch.tensor([-1, vocab_size], device=DEVICE), words, vocab_size)) == 2
+    assert int(mark_ids_packed(torch.tensor([-1, vocab_size], device=DEVICE), words, vocab_size)) == 2

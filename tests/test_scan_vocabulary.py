@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import BACKENDS
+from helpers.devices import BACKENDS
 
 from pema_triton import PemaError, UsedIdsError, scan_vocabulary, special_token_ids
 
@@ -94,14 +94,9 @@ def test_out_of_range_ids_and_keep_are_checked():
 
 def test_special_token_ids_of_a_real_tokenizer():
     transformers = pytest.importorskip("transformers")
-    import examples_path  # noqa: F401
+    from helpers import real_assets
 
-    from assets import minilm_dir
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
-    except ModuleNotFoundError as err:
-        pytest.skip(str(err))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(real_assets.minilm_dir())
     ids = special_token_ids(tokenizer)
     assert ids == sorted({tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id,
                           tokenizer.sep_token_id, tokenizer.mask_token_id})

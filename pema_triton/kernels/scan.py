@@ -2,12 +2,9 @@
 
 Layout: one uint8 per id rather than packed bits. A byte map is written with plain stores (every writer stores
 1, so concurrent writes to one byte cannot lose an update); a packed map needs an atomic OR per token, since ids
-sharing a 32-bit word would overwrite each other. At V = 1,000,000 the byte map is 1 MB, which stays resident in
-an H100's 50 MB L2, so the 8x larger footprint costs no extra DRAM traffic for realistic vocabularies.
-
-That choice still wants a GPU measurement: `scan_ids_packed` is the packed-bit layout (one int32 word per 32 ids,
-atomic OR), tested equal to the byte map and timed beside it in bench/test_bench_kernels.py (`pema-packed-bits`).
-It is not used by the library.
+sharing a 32-bit word would overwrite each other. At V = 1,000,000 the byte map is 1 MB, small enough to stay in
+an H100's 50 MB L2. `mark_ids_packed` is the packed-bit layout, kept for the benchmark that compares the two
+(docs/design.md); the library does not use it.
 """
 
 from __future__ import annotations
@@ -17,9 +14,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._checks import check_ids, check_scan_state
+from .._checks import check_id_dtype, check_scan_state
 from ..errors import PemaDTypeError
-from . import INTERPRET, count_into, load_ids
+from ._common import INTERPRET, count_into, load_ids
 
 # Ids a program: 4096 ids of 4-8 bytes stream 16-32 KiB of input each. The interpreter runs programs one at a
 # time, so it gets few large ones.
@@ -29,7 +26,7 @@ _SCAN_BLOCK = 65536 if INTERPRET else 4096
 @triton.jit
 def _scan_kernel(
     ids_ptr,  # [N] token ids, int32 or int64
-    bitmap_ptr,  # [V] uint8, set to 1 at each id seen
+    byte_map_ptr,  # [V] uint8, set to 1 at each id seen
     counts_ptr,  # [V] int64 occurrence counts (unused unless HAS_COUNTS)
     num_bad_ptr,  # [1] int32: incremented by the number of ids outside [0, V) (other than IGNORE_INDEX)
     N,  # number of ids
@@ -45,40 +42,28 @@ def _scan_kernel(
         m_bad = m_bad & (b_ids != ignore_index)
         m_valid = m_valid & (b_ids != ignore_index)  # skipped even where it is a real id (e.g. a pad label)
     count_into(num_bad_ptr, m_bad)
-    tl.store(bitmap_ptr + b_ids, tl.full([BLOCK], 1, tl.uint8), mask=m_valid)
+    tl.store(byte_map_ptr + b_ids, tl.full([BLOCK], 1, tl.uint8), mask=m_valid)
     if HAS_COUNTS:
         tl.atomic_add(counts_ptr + b_ids, tl.full([BLOCK], 1, tl.int64), mask=m_valid)
 
 
-def scan_ids(
-    ids: torch.Tensor,
-    bitmap: torch.Tensor,
-    counts: torch.Tensor | None = None,
-    ignore_index: int | None = None,
-) -> torch.Tensor:
-    """Triton vocabulary scan. Same contract as :func:`pema_triton.reference.scan`.
-
-    Args:
-        ids: [*] token ids, int32 or int64.
-        bitmap: [V] uint8, updated in place.
-        counts: [V] int64 occurrence counts updated in place, or None.
-        ignore_index: an id skipped silently, or None.
-
-    Returns:
-        num_bad: [1] int32 count of ids outside [0, V) other than `ignore_index`.
-    """
-    check_scan_state(ids, bitmap, counts)
+def mark_ids(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Tensor | None = None,
+             ignore_index: int | None = None) -> torch.Tensor:
+    """Triton vocabulary scan, with the contract of :func:`pema_triton.reference.mark_ids`: marks `ids` [*] in
+    `byte_map` [V] uint8 (and counts them into `counts` [V] int64); returns the [1] int32 count of ids outside
+    [0, V) other than `ignore_index`."""
+    check_scan_state(ids, byte_map, counts)
     flat_ids = ids.reshape(-1).contiguous()
     num_ids = flat_ids.numel()
     num_bad = torch.zeros(1, dtype=torch.int32, device=ids.device)
     if num_ids:
         wrap_triton(_scan_kernel)[(triton.cdiv(num_ids, _SCAN_BLOCK),)](
             flat_ids,
-            bitmap,
-            counts if counts is not None else bitmap,
+            byte_map,
+            counts if counts is not None else byte_map,
             num_bad,
             num_ids,
-            bitmap.numel(),
+            byte_map.numel(),
             ignore_index if ignore_index is not None else 0,
             HAS_COUNTS=counts is not None,
             HAS_IGNORE=ignore_index is not None,
@@ -103,13 +88,13 @@ def _scan_packed_kernel(
     tl.atomic_or(words_ptr + (b_ids >> 5), b_bits, mask=m_valid)
 
 
-def scan_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def mark_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Packed-bit scan (the layout not chosen; for the benchmark). Marks `ids` [*] in `words` [ceil(V / 32)] int32.
 
     Returns:
         num_bad: [1] int32 count of ids outside [0, V).
     """
-    check_ids(ids)
+    check_id_dtype(ids)
     if words.dtype != torch.int32 or words.shape != ((vocab_size + 31) // 32,) or words.device != ids.device:
         raise PemaDTypeError(f"words must be a [ceil(V / 32)] int32 tensor on {ids.device}, got {words.dtype} "
                              f"{tuple(words.shape)} on {words.device}")

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._checks import check_scatter_inputs
-from ..reference import accumulation_dtype
-from . import INTERPRET, load_compact_rows, pick_blocks
+from .._checks import accumulation_dtype, check_scatter_inputs
+from ..remap import compact_rows
+from ._common import INTERPRET, load_compact_rows, pick_blocks
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _scatter_segmented_kernel(
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def scatter_backward(
+def lookup_backward(
     grad_out: torch.Tensor,
     ids: torch.Tensor,
     remap: torch.Tensor,
@@ -125,11 +125,8 @@ def _scatter_segmented(
     acc_dtype: torch.dtype,
 ) -> torch.Tensor:
     dim = grad_2d.shape[1]
-    vocab_size = remap.numel()
-    ids64 = flat_ids.long()
-    in_vocab = (ids64 >= 0) & (ids64 < vocab_size)
     # An id with no row sorts first (as -1) and falls outside every segment, matching the atomic variant.
-    rows = torch.where(in_vocab, remap[torch.where(in_vocab, ids64, 0)].long(), -1)
+    rows = compact_rows(flat_ids, remap)
     sorted_rows, order = torch.sort(rows, stable=True)
     seg = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=rows.device))
     grad_weight = torch.empty(num_rows, dim, dtype=grad_2d.dtype, device=grad_2d.device)

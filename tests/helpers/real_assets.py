@@ -6,12 +6,24 @@ PEMA_REQUIRE_ASSETS=1 (set by .ci/run), where it fails: CI must never pass by sk
 
 import copy
 import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-import examples_path  # noqa: F401
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@functools.cache
+def assets():
+    """examples/assets.py, the loaders the demo uses, imported from its file (examples/ is no package)."""
+    spec = importlib.util.spec_from_file_location("pema_examples_assets", EXAMPLES / "assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def _require(loader):
     try:
@@ -24,9 +36,7 @@ def _require(loader):
 
 @functools.cache
 def _bbc(num: int):
-    from assets import load_bbc_news
-
-    (texts, labels), _, _ = load_bbc_news(num, 0, seed=0)
+    (texts, labels), _, _ = assets().load_bbc_news(num, 0, seed=0)
     return texts, labels
 
 
@@ -35,17 +45,14 @@ def bbc_news(num: int):
 
 
 def minilm_dir():
-    from assets import minilm_dir as path
-
-    return _require(path)
+    return _require(assets().minilm_dir)
 
 
 @functools.cache
 def _smollm2():
     import transformers
-    from assets import smollm2_dir
 
-    folder, gguf = smollm2_dir()
+    folder, gguf = assets().smollm2_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     return tokenizer, model.eval()

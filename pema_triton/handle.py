@@ -1,0 +1,228 @@
+"""`PemaHandle`: what `replace_embeddings` changed in a model, how much it saves, and how to undo it.
+
+The handle owns the state of one compaction: references to the converted modules (not paths, which a wrapper
+such as DDP or PEFT renames), the full original matrices kept until restore, and a stack of undo steps that every
+change registers as it is made, so a failure part-way and a restore run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
+from .errors import NotCompactedError
+from .modes import OutputMode
+from .remap import Compaction
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KeptMatrix", "PemaHandle", "get_handle"]
+
+_HANDLE_ATTR = "_pema_handle"
+
+
+@dataclass
+class KeptMatrix:
+    """A full-vocabulary Parameter taken out of the model until restore, and the device it came from."""
+
+    param: nn.Parameter
+    device: torch.device
+
+    @classmethod
+    def of(cls, param: nn.Parameter) -> KeptMatrix:
+        return cls(param, param.device)
+
+    def follow(self, compact: torch.Tensor | None) -> None:
+        """Moves to `compact`'s device and dtype (`model.to(...)` after replace moved only the compact
+        Parameters, and the restored model must be what `.to()` would have made it), else back where it was."""
+        target = {"device": self.device} if compact is None else {"device": compact.device, "dtype": compact.dtype}
+        self.param.data = self.param.data.to(**target)
+
+
+def get_handle(model: nn.Module) -> PemaHandle | None:
+    """The handle of a compacted model, or None."""
+    return getattr(model, _HANDLE_ATTR, None)
+
+
+def trainable_stats(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, AdamW training-state bytes = weight + gradient + 2 moments, in the param dtype)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() deduplicates tied ones
+    return sum(p.numel() for p in params), sum(4 * p.numel() * p.element_size() for p in params)
+
+
+class PemaHandle:
+    """One compacted model: the converted modules, the kept full matrices, sizes before and after, and undo.
+
+    Attributes:
+        model: the compacted model. compaction: its used ids and V. output_mode: the head's mode. tied: whether
+            the head shares the input embedding's matrix.
+        embeddings / heads: the converted modules (every holder of the input matrix / of the head's matrix).
+        kept_input, kept_head_weight, kept_head_bias: the full original Parameters (None where not compacted).
+        bias_aliases: other (module, attribute) slots sharing the head's bias (BERT's `cls.predictions.bias`).
+        params_before / params_after, state_bytes_before / state_bytes_after: trainable parameters and AdamW
+            training-state bytes.
+    """
+
+    def __init__(self, model: nn.Module, compaction: Compaction, output_mode: OutputMode, tied: bool):
+        self.model, self.compaction, self.output_mode, self.tied = model, compaction, output_mode, tied
+        self.embeddings: list[nn.Embedding] = []
+        self.heads: list[nn.Linear] = []
+        self._original_classes: dict[int, type] = {}
+        self.kept_input: KeptMatrix | None = None
+        self.kept_head_weight: KeptMatrix | None = None
+        self.kept_head_bias: KeptMatrix | None = None
+        self.bias_aliases: list[tuple[nn.Module, str]] = []
+        self.params_before = self.params_after = self.state_bytes_before = self.state_bytes_after = 0
+        self._undo_steps: list[Callable[[], None]] = []
+        self._full_cache: dict = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.compaction.vocab_size
+
+    @property
+    def num_used(self) -> int:
+        return self.compaction.num_used
+
+    @property
+    def used_ids(self) -> torch.Tensor:
+        """[U] int64 sorted used ids (on the CPU)."""
+        return self.compaction.used_ids
+
+    @property
+    def output(self) -> str | None:
+        """The `output=` this model was compacted with."""
+        return self.output_mode.name
+
+    # -- recording changes -----------------------------------------------------------------------------------
+    def converted(self, module: nn.Module, original_class: type) -> None:
+        """Records a module converted in place (an embedding or a head), so undo can put its class back."""
+        self._original_classes[id(module)] = original_class
+        (self.heads if isinstance(module, nn.Linear) else self.embeddings).append(module)
+
+    def original_class(self, module: nn.Module) -> type:
+        """The class a converted module had before."""
+        return self._original_classes[id(module)]
+
+    def on_undo(self, step: Callable[[], None]) -> None:
+        """Registers how to revert a change just made; steps run in reverse order on restore or failure."""
+        self._undo_steps.append(step)
+
+    def kept(self, slot: str) -> KeptMatrix:
+        """The kept full matrix for a checkpoint slot ("input", "head_weight" or "head_bias")."""
+        return {INPUT: self.kept_input, HEAD_WEIGHT: self.kept_head_weight, HEAD_BIAS: self.kept_head_bias}[slot]
+
+    def finish(self, offload: str | torch.device | None, stats_before: tuple[int, int]) -> None:
+        """After a successful compaction: kept matrices to `offload`, sizes measured, the handle on the model."""
+        if offload is not None:
+            for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
+                if kept is not None and not kept.param.is_meta:
+                    kept.param.data = kept.param.data.to(offload)
+        self.params_before, self.state_bytes_before = stats_before
+        self.params_after, self.state_bytes_after = trainable_stats(self.model)
+        setattr(self.model, _HANDLE_ATTR, self)
+        logger.info("compacted %s: %r", type(self.model).__name__, self)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def full_tensor(self, slot: str) -> torch.Tensor:
+        """The full-vocabulary tensor of `slot` with the trained rows merged into the kept original.
+
+        One tensor object per matrix and version, so tied names in a state dict share storage as they did.
+        """
+        kept, trained = self.kept(slot), self._trained(slot)
+        key = (slot, trained._version, kept.param._version)
+        if key not in self._full_cache:
+            if len(self._full_cache) > 8:  # stale versions of the matrices
+                self._full_cache.clear()
+            full = kept.param.detach().clone()
+            full.index_copy_(0, self.used_ids.to(full.device), trained.detach().to(full))
+            self._full_cache[key] = full
+        return self._full_cache[key]
+
+    def _trained(self, slot: str) -> nn.Parameter:
+        if slot == INPUT:
+            return self.embeddings[0].weight
+        return self.heads[0].weight if slot == HEAD_WEIGHT else self.heads[0].bias
+
+    # -- undo ------------------------------------------------------------------------------------------------
+    def restore(self) -> nn.Module:
+        """Merges the trained rows back into the full matrices and puts the original modules back.
+
+        Unused rows come back bit-identical to before `replace_embeddings` (or to the last full checkpoint loaded
+        while compacted); ties, `config.vocab_size` and `generate` are as they were.
+
+        Raises:
+            NotCompactedError: this handle was restored already.
+        """
+        if get_handle(self.model) is not self:
+            raise NotCompactedError(f"{type(self.model).__name__} is not compacted by this handle: nothing to restore")
+        self.undo(merge=True)
+        delattr(self.model, _HANDLE_ATTR)
+        return self.model
+
+    def undo(self, merge: bool) -> None:
+        """Reverts every recorded change, newest first; with `merge`, the trained rows land in the full matrices."""
+        while self._undo_steps:
+            self._undo_steps.pop()()
+        first_head = self.heads[0] if self.heads else None
+        for kept, compact in (
+            (self.kept_input, self.embeddings[0].weight if self.embeddings else None),
+            (self.kept_head_weight, first_head.weight if first_head is not None else None),
+            (self.kept_head_bias, first_head.bias if first_head is not None else None),
+        ):
+            if kept is not None:
+                kept.follow(compact)
+        self._uncompact_heads(merge)
+        self._uncompact_embeddings(merge)
+        self._full_cache.clear()
+
+    def _uncompact_heads(self, merge: bool) -> None:
+        if not self.heads:
+            return
+        kept_weight = self.kept_input if self.tied else self.kept_head_weight
+        if merge:
+            bias = self.kept_head_bias.param.data if self.kept_head_bias is not None else None
+            self.heads[0].merge_into(kept_weight.param.data, bias)
+        full_bias = self.kept_head_bias.param if self.kept_head_bias is not None else None
+        for module in self.heads:
+            module.uncompact_(kept_weight.param, full_bias, self.original_class(module))
+        for module, name in self.bias_aliases:
+            module._parameters[name] = full_bias
+        self.heads.clear()
+
+    def _uncompact_embeddings(self, merge: bool) -> None:
+        if not self.embeddings:
+            return
+        if merge:
+            self.embeddings[0].merge_into(self.kept_input.param.data)
+        for module in self.embeddings:
+            module.uncompact_(self.kept_input.param, self.original_class(module))
+        self.embeddings.clear()
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, object]:
+        """V, U, trainable parameters and AdamW training-state bytes before and after compaction."""
+        return {
+            "vocab_size": self.vocab_size,
+            "num_used": self.num_used,
+            "output": self.output,
+            "tied": self.tied,
+            "trainable_params_before": self.params_before,
+            "trainable_params_after": self.params_after,
+            "training_state_bytes_before": self.state_bytes_before,
+            "training_state_bytes_after": self.state_bytes_after,
+        }
+
+    def __repr__(self) -> str:
+        saved = 1 - self.state_bytes_after / max(1, self.state_bytes_before)
+        return (
+            f"PemaHandle(V={self.vocab_size:,}, U={self.num_used:,} ({self.num_used / self.vocab_size:.1%}), "
+            f"output={self.output!r}, tied={self.tied}, trainable params {self.params_before:,} -> "
+            f"{self.params_after:,}, AdamW training state {self.state_bytes_before / 2**20:,.1f} MiB -> "
+            f"{self.state_bytes_after / 2**20:,.1f} MiB (-{saved:.1%}))"
+        )

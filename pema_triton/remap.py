@@ -1,0 +1,170 @@
+"""The remap table and everything that maps original ids through it: the one home of "id -> compact row".
+
+A compaction keeps the U used ids of a V-id vocabulary. The [V] int32 remap table holds the compact row of each
+used id (its position in the sorted used ids) and -1 for every other id. The Triton kernels apply the same rule in
+their shared prologue (`kernels/_common.py: load_compact_rows`); every PyTorch path goes through here.
+
+Notation: V the original vocabulary size, U the number of used ids, N the number of ids in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError, UsedIdsError, format_ids
+
+__all__ = [
+    "Compaction",
+    "build_remap",
+    "check_remap",
+    "compact_rows",
+    "labels_to_columns",
+    "raise_for_bad_ids",
+    "raise_for_out_of_range",
+    "validate_used_ids",
+]
+
+
+def build_remap(used_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[U] sorted used ids -> [V] int32 table: `remap[used_ids[i]] = i`, -1 elsewhere."""
+    remap = torch.full((vocab_size,), -1, dtype=torch.int32, device=used_ids.device)
+    remap[used_ids] = torch.arange(used_ids.numel(), dtype=torch.int32, device=used_ids.device)
+    return remap
+
+
+def check_remap(remap: torch.Tensor, device: torch.device) -> None:
+    """Raises unless `remap` is a 1-D int32 table on `device` (where the ids it maps live)."""
+    if remap.dtype != torch.int32 or remap.dim() != 1:
+        raise PemaDTypeError(
+            f"remap must be a 1-D int32 table of length V, got {remap.dtype} of shape {tuple(remap.shape)}"
+        )
+    if remap.device != device:
+        raise PemaError(f"remap is on {remap.device} but the ids are on {device}; move both to one device")
+
+
+def validate_used_ids(used_ids, vocab_size: int) -> torch.Tensor:
+    """`used_ids` (a tensor or a sequence of ints) as a [U] int64 CPU tensor of sorted unique ids in [0, V).
+
+    Validated on the host: these checks read values back, which on a GPU tensor would be a sync each.
+
+    Raises:
+        UsedIdsError: not integers, not 1-D, empty, unsorted, duplicated or outside [0, `vocab_size`).
+    """
+    ids = _as_id_tensor(used_ids)
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise UsedIdsError(f"used_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+    ids = ids.detach().to("cpu", torch.int64)
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.numel():
+        raise UsedIdsError(f"used_ids {format_ids(outside.tolist())} are outside the vocabulary [0, {vocab_size})")
+    steps = ids[1:] - ids[:-1]
+    if bool((steps == 0).any()):
+        dup = torch.unique(ids[1:][steps == 0]).tolist()
+        raise UsedIdsError(f"used_ids must be unique; {format_ids(dup)} appear more than once (use torch.unique)")
+    if bool((steps < 0).any()):
+        raise UsedIdsError("used_ids must be sorted ascending (torch.unique returns them sorted)")
+    return ids
+
+
+def _as_id_tensor(used_ids) -> torch.Tensor:
+    if isinstance(used_ids, (set, frozenset)):
+        raise UsedIdsError("used_ids must be sorted: give sorted(ids) or a tensor, not a set")
+    try:
+        ids = torch.as_tensor(used_ids)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UsedIdsError(f"used_ids must be integer token ids, got {type(used_ids).__name__}: {err}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise UsedIdsError(f"used_ids must be integer token ids, got {ids.dtype}")
+    return ids
+
+
+@dataclass(frozen=True, eq=False)
+class Compaction:
+    """Validated used ids of one vocabulary: what every compacted module of a model is built from.
+
+    Built once (:meth:`of`) and passed down, so a model whose matrix sits in several modules validates once.
+
+    Attributes:
+        used_ids: [U] int64 sorted unique ids in [0, V), on the CPU.
+        vocab_size: V.
+    """
+
+    used_ids: torch.Tensor
+    vocab_size: int
+
+    @classmethod
+    def of(cls, used_ids, vocab_size: int) -> Compaction:
+        """`used_ids` validated against `vocab_size`; a Compaction of that V is returned as it is."""
+        if isinstance(used_ids, Compaction):
+            if used_ids.vocab_size != vocab_size:
+                raise UsedIdsError(
+                    f"used ids were compacted for V={used_ids.vocab_size}, this matrix has V={vocab_size}"
+                )
+            return used_ids
+        return cls(validate_used_ids(used_ids, vocab_size), vocab_size)
+
+    @property
+    def num_used(self) -> int:
+        return self.used_ids.numel()
+
+    def remap(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The [V] int32 remap table on `device`."""
+        return build_remap(self.used_ids.to(device), self.vocab_size)
+
+
+def compact_rows(ids: torch.Tensor, remap: torch.Tensor) -> torch.Tensor:
+    """[*] ids -> [N] int64 compact rows (flattened), -1 where an id has none (outside [0, V) or unused).
+
+    An id outside [0, V) is never used as an index: it is masked before the table is read.
+    """
+    flat = ids.reshape(-1).long()
+    in_vocab = (flat >= 0) & (flat < remap.numel())
+    rows = remap[torch.where(in_vocab, flat, 0)].long()
+    return torch.where(in_vocab, rows, -1)
+
+
+def raise_for_out_of_range(
+    ids: torch.Tensor, vocab_size: int, *, ignore_index: int | None = None, what: str = "token ids", hint: str = ""
+) -> None:
+    """Raises :class:`IdOutOfRangeError` naming the ids of `ids` outside [0, V) (other than `ignore_index`)."""
+    flat = ids.reshape(-1).long()
+    outside = (flat < 0) | (flat >= vocab_size)
+    if ignore_index is not None:
+        outside &= flat != ignore_index
+    if bool(outside.any()):
+        bad = torch.unique(flat[outside]).tolist()
+        hint = hint or "check that the tokenizer matches the model"
+        raise IdOutOfRangeError(f"{what} {format_ids(bad)} are outside the vocabulary [0, {vocab_size}); {hint}", bad)
+
+
+def raise_for_bad_ids(ids: torch.Tensor, remap: torch.Tensor, what: str = "token ids") -> None:
+    """Raises the typed error naming every id of `ids` that has no compact row; returns if there is none.
+
+    Called after a kernel reported bad ids (or a cheap check failed), so this extra pass is off the good path.
+    """
+    raise_for_out_of_range(ids, remap.numel(), what=what)
+    flat = ids.reshape(-1).long()
+    unused = flat[compact_rows(flat, remap) < 0]
+    if unused.numel():
+        bad = torch.unique(unused).tolist()
+        raise UnusedIdError(
+            f"{what} {format_ids(bad)} are not in the used vocabulary the compacted model holds "
+            f"(U={int((remap >= 0).sum())} of V={remap.numel()}); scan every split the model will see, "
+            f"or pass these ids in `keep`",
+            bad,
+        )
+
+
+def labels_to_columns(labels: torch.Tensor, remap: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Original-id labels -> compact column labels for `restricted` logits; `ignore_index` passes through.
+
+    Raises:
+        IdOutOfRangeError / UnusedIdError: a label outside [0, V) or not in the used set (naming the ids).
+    """
+    ignored = labels == ignore_index
+    columns = compact_rows(torch.where(ignored, 0, labels), remap).view(labels.shape)
+    if bool((columns[~ignored] < 0).any()):
+        raise_for_bad_ids(labels[~ignored], remap, what="labels")
+    return torch.where(ignored, labels, columns.to(labels.dtype))
