@@ -282,8 +282,8 @@ def lm_part(args, device, meter):
     print("\nEach mode equals its exact baseline (`restricted` to fp32 round-off: a softmax over U columns instead of "
           "V, which Adam can amplify for a weight whose gradient is near zero). Both differ from full fine-tuning, "
           "which also trains the unused rows of the tied head; `restricted` trains a softmax over the used ids "
-          "only, so its held-out loss under the full vocabulary differs by design (README: Held-out loss of the "
-          "output modes).")
+          "only, so its held-out loss under the full vocabulary differs by design (docs/exactness.md: held-out loss "
+          "of the output modes).")
     return runs
 
 

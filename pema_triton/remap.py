@@ -70,7 +70,7 @@ def validate_used_ids(used_ids, vocab_size: int) -> torch.Tensor:
 
 def _as_id_tensor(used_ids) -> torch.Tensor:
     if isinstance(used_ids, (set, frozenset)):
-        raise UsedIdsError("used_ids must be sorted: give sorted(ids) or a tensor, not a set")
+        used_ids = sorted(used_ids)  # a set has no order to check: its sorted ids are what it means
     try:
         ids = torch.as_tensor(used_ids)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -267,3 +267,17 @@ def test_head_mode_is_checked():
 
 def test_public_api_is_exported():
     assert set(pema_triton.__all__) <= set(dir(pema_triton))
+
+
+def test_used_ids_are_validated_once_into_a_compaction():
+    """A set means its sorted ids; anything not integer ids is a UsedIdsError; a Compaction passes through."""
+    compaction = pema_triton.Compaction.of({17, 0, 3}, V)
+    assert compaction.used_ids.tolist() == [0, 3, 17] and compaction.num_used == 3 and compaction.vocab_size == V
+    assert pema_triton.Compaction.of(compaction, V) is compaction
+    head = CompactLMHead(nn.Linear(D, V), compaction)
+    assert CompactEmbedding(nn.Embedding(V, D), compaction).used_ids.tolist() == head.used_ids.tolist() == [0, 3, 17]
+    for bad in (["a", "b"], "abc", None):
+        with pytest.raises(UsedIdsError, match="integer token ids"):
+            pema_triton.Compaction.of(bad, V)
+    with pytest.raises(UsedIdsError, match="compacted for V=500, this matrix has V=499"):
+        CompactEmbedding(nn.Embedding(V - 1, D), compaction)
