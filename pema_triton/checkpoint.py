@@ -9,11 +9,12 @@ size is refused before anything loads.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 
-from .errors import VocabularySizeError
+from .errors import PemaError, VocabularySizeError
 
 __all__ = ["FullVocabularyCheckpoint", "register_sliced_buffer"]
 
@@ -22,12 +23,25 @@ __all__ = ["FullVocabularyCheckpoint", "register_sliced_buffer"]
 INPUT, HEAD_WEIGHT, HEAD_BIAS = "input", "head_weight", "head_bias"
 
 
+def _deepcopy_with_model(obj, memo):
+    """Hook objects bound to a handle are copied only as part of copying the whole model (which is in `memo`
+    first): a copy of one module (PEFT's modules_to_save) shares them, rather than dragging a copy of the model."""
+    if id(obj.handle.model) not in memo:
+        return obj
+    duplicate = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = duplicate
+    duplicate.__dict__.update(copy.deepcopy(obj.__dict__, memo))
+    return duplicate
+
+
 class FullVocabularyCheckpoint:
     """The state-dict hooks of one compacted model (see the module docstring). :meth:`register` installs them
     and hands their removal to the handle's undo."""
 
     def __init__(self, handle):
         self.handle = handle
+
+    __deepcopy__ = _deepcopy_with_model
 
     def register(self) -> None:
         handle = self.handle
@@ -42,6 +56,9 @@ class FullVocabularyCheckpoint:
             hooks.append(module.register_load_state_dict_pre_hook(functools.partial(self._load, slots=slots)))
         for hook in hooks:
             handle.on_undo(hook.remove)
+        if hasattr(handle.model, "save_pretrained"):
+            save = _SavesCompaction(handle.model.save_pretrained, handle.compaction)
+            handle.patch(handle.model, "save_pretrained", save)
 
     def _slots(self, module) -> list[tuple[str, str]]:
         """(attribute, kept matrix) pairs of a compacted module."""
@@ -55,8 +72,13 @@ class FullVocabularyCheckpoint:
             if prefix + name in state_dict:
                 state_dict[prefix + name] = self.handle.full_tensor(slot)
 
-    def _check_every_shape(self, root, state_dict, prefix, *args):
+    def _check_every_shape(self, root, state_dict, prefix, local_metadata, *args):
         # Runs on the root before any submodule loads: a wrong head must not leave the input matrix overwritten.
+        if local_metadata.get("assign_to_params_buffers", False):
+            raise PemaError(
+                "load_state_dict(assign=True) would replace the compact Parameters with checkpoint tensors, untying a "
+                "tied matrix and detaching them from the optimizer; load without assign=True (values are copied in)"
+            )
         paths = {id(m): path for path, m in root.named_modules(remove_duplicate=False)}
         targets = [(m, self._slots(m)) for m in self.handle.embeddings + self.handle.heads]
         targets += [(m, [(name, HEAD_BIAS)]) for m, name in self.handle.bias_aliases]
@@ -93,21 +115,45 @@ class FullVocabularyCheckpoint:
         return kept
 
 
+class _SavesCompaction:
+    """`save_pretrained` that also writes the compaction (`pema_compaction.json`) beside the weights, so a Trainer
+    checkpoint records which rows its optimizer state belongs to and can be resumed under the same used ids."""
+
+    def __init__(self, save_pretrained, compaction):
+        self.save_pretrained, self.compaction = save_pretrained, compaction
+        functools.update_wrapper(self, save_pretrained)
+
+    def __call__(self, save_directory, *args, **kwargs):
+        result = self.save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.compaction.save(save_directory)
+        return result
+
+
 def register_sliced_buffer(handle, module, name: str, original: torch.Tensor) -> None:
     """State-dict hooks for a buffer sliced to the used columns while compacted ([..., V] -> [..., U], e.g. BART's
     `final_logits_bias`): saved as `original` [..., V]; a loaded [..., V] tensor updates `original` and loads sliced.
     """
+    sliced = _SlicedBuffer(handle, name, original)
+    # partials, not bound methods: torch marks state-dict hooks with an attribute, which a method cannot take.
+    handle.on_undo(module.register_state_dict_post_hook(functools.partial(_SlicedBuffer.save, sliced)).remove)
+    handle.on_undo(module.register_load_state_dict_pre_hook(functools.partial(_SlicedBuffer.load, sliced)).remove)
 
-    def save(module, state_dict, prefix, local_metadata):
-        if prefix + name in state_dict:
-            state_dict[prefix + name] = original
 
-    def load(module, state_dict, prefix, *args):
-        if prefix + name in state_dict:
+class _SlicedBuffer:
+    def __init__(self, handle, name: str, original: torch.Tensor):
+        self.handle, self.name, self.original = handle, name, original
+
+    __deepcopy__ = _deepcopy_with_model
+
+    def save(self, module, state_dict, prefix, local_metadata):
+        if prefix + self.name in state_dict:
+            state_dict[prefix + self.name] = self.original
+
+    def load(self, module, state_dict, prefix, *args):
+        key = prefix + self.name
+        if key in state_dict:
             with torch.no_grad():
-                original.copy_(state_dict[prefix + name])
-            used = handle.compaction.used_ids
-            state_dict[prefix + name] = original.index_select(-1, used.to(original.device))
-
-    handle.on_undo(module.register_state_dict_post_hook(save).remove)
-    handle.on_undo(module.register_load_state_dict_pre_hook(load).remove)
+                self.original.copy_(state_dict[key])
+            used = self.handle.compaction.used_ids
+            state_dict[key] = self.original.index_select(-1, used.to(self.original.device))

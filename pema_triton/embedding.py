@@ -15,6 +15,7 @@ from torch import nn
 
 from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows
 from .errors import UnsupportedModuleError
+from .guards import check_managed, mark_compacted
 from .ops import compact_embedding, resolve_backend
 from .remap import Compaction, compact_rows, raise_for_out_of_range
 
@@ -126,6 +127,7 @@ class CompactEmbedding(nn.Embedding):
         used = compaction.used_ids.to(full_weight.device)
         self.backend, self.deterministic, self.check_ids = backend, deterministic, check_ids
         self.weight = compact_parameter(full_weight, used, weight, "weight")
+        mark_compacted(self.weight, compaction.fingerprint)
         self.register_buffer("used_ids", used, persistent=False)
         self.register_buffer("remap", compaction.remap(full_weight.device) if remap is None else remap,
                              persistent=False)
@@ -139,6 +141,7 @@ class CompactEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[*] original ids -> [*, D]."""
+        check_managed(self)
         out = compact_embedding(
             ids,
             self.remap,

@@ -7,6 +7,7 @@ change registers as it is made, so a failure part-way and a restore run the same
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from torch import nn
 
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
 from .errors import NotCompactedError
+from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
-from .remap import Compaction
+from .remap import Compaction, labels_to_columns
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class KeptMatrix:
 
     @classmethod
     def of(cls, param: nn.Parameter) -> KeptMatrix:
+        """Takes `param` out of training until restore: an optimizer built before the compaction refuses to step it."""
+        mark_stale(param, "it is a full-vocabulary matrix that replace_embeddings took out of the model (it no "
+                          "longer trains); build the optimizer after replace_embeddings")
         return cls(param, param.device)
 
     def follow(self, compact: torch.Tensor | None) -> None:
@@ -42,6 +47,23 @@ class KeptMatrix:
         Parameters, and the restored model must be what `.to()` would have made it), else back where it was."""
         target = {"device": self.device} if compact is None else {"device": compact.device, "dtype": compact.dtype}
         self.param.data = self.param.data.to(**target)
+
+
+_MISSING = object()
+
+
+def _put_back(obj: object, name: str, previous: object) -> None:
+    if previous is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = previous
+
+
+def _retire(*compact_params: nn.Parameter | None) -> None:
+    """The compact Parameters of a restored model no longer train: an optimizer still holding them refuses to step."""
+    for param in compact_params:
+        mark_stale(param, "it holds the compact rows of a model that restore_embeddings has merged back; build a "
+                          "new optimizer (and Trainer) for the restored model, or call replace_embeddings again first")
 
 
 def get_handle(model: nn.Module) -> PemaHandle | None:
@@ -72,7 +94,7 @@ class PemaHandle:
         self.model, self.compaction, self.output_mode, self.tied = model, compaction, output_mode, tied
         self.embeddings: list[nn.Embedding] = []
         self.heads: list[nn.Linear] = []
-        self._original_classes: dict[int, type] = {}
+        self._converted: list[tuple[nn.Module, type]] = []  # (module, its class before), in conversion order
         self.kept_input: KeptMatrix | None = None
         self.kept_head_weight: KeptMatrix | None = None
         self.kept_head_bias: KeptMatrix | None = None
@@ -80,6 +102,12 @@ class PemaHandle:
         self.params_before = self.params_after = self.state_bytes_before = self.state_bytes_after = 0
         self._undo_steps: list[Callable[[], None]] = []
         self._full_cache: dict = {}
+
+    def __setstate__(self, state: dict) -> None:
+        # A deep copy (or unpickling) of a compacted model: its copied modules are the ones that may run now.
+        self.__dict__.update(state)
+        for module in self.embeddings + self.heads:
+            register_managed(module)
 
     @property
     def vocab_size(self) -> int:
@@ -102,44 +130,65 @@ class PemaHandle:
     # -- recording changes -----------------------------------------------------------------------------------
     def converted(self, module: nn.Module, original_class: type) -> None:
         """Records a module converted in place (an embedding or a head), so undo can put its class back."""
-        self._original_classes[id(module)] = original_class
+        self._converted.append((module, original_class))
+        register_managed(module)
         (self.heads if isinstance(module, nn.Linear) else self.embeddings).append(module)
 
     def original_class(self, module: nn.Module) -> type:
         """The class a converted module had before."""
-        return self._original_classes[id(module)]
+        return next(cls for converted, cls in self._converted if converted is module)
 
     def on_undo(self, step: Callable[[], None]) -> None:
         """Registers how to revert a change just made; steps run in reverse order on restore or failure."""
         self._undo_steps.append(step)
 
+    def patch(self, obj: object, name: str, value: object) -> None:
+        """Sets `obj.<name>` as an instance attribute (a wrapped method, say); undo puts back what was there."""
+        previous = obj.__dict__.get(name, _MISSING)
+        obj.__dict__[name] = value
+        self.on_undo(functools.partial(_put_back, obj, name, previous))
+
     def kept(self, slot: str) -> KeptMatrix:
         """The kept full matrix for a checkpoint slot ("input", "head_weight" or "head_bias")."""
         return {INPUT: self.kept_input, HEAD_WEIGHT: self.kept_head_weight, HEAD_BIAS: self.kept_head_bias}[slot]
 
-    def finish(self, offload: str | torch.device | None, stats_before: tuple[int, int]) -> None:
-        """After a successful compaction: kept matrices to `offload`, sizes measured, the handle on the model."""
-        if offload is not None:
-            for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
-                if kept is not None and not kept.param.is_meta:
-                    kept.param.data = kept.param.data.to(offload)
+    def offload(self, device: torch.device | None) -> None:
+        """Moves the kept full matrices to `device` until restore (None: they stay where they are)."""
+        for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
+            if kept is not None and device is not None and not kept.param.is_meta:
+                kept.param.data = kept.param.data.to(device)
+
+    def finish(self, stats_before: tuple[int, int]) -> None:
+        """After a successful compaction: sizes measured, the handle on the model."""
         self.params_before, self.state_bytes_before = stats_before
         self.params_after, self.state_bytes_after = trainable_stats(self.model)
         setattr(self.model, _HANDLE_ATTR, self)
         logger.info("compacted %s: %r", type(self.model).__name__, self)
 
+    # -- ids and columns -------------------------------------------------------------------------------------------
+    def labels_to_columns(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Original-id labels -> the compact columns of `restricted` logits (for a loss computed outside the model)."""
+        return labels_to_columns(labels, self.embeddings[0].remap.to(labels.device), ignore_index)
+
+    def columns_to_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Compact columns of `restricted` logits (e.g. their argmax) -> original token ids."""
+        return self.used_ids.to(columns.device)[columns]
+
     # -- checkpoints -----------------------------------------------------------------------------------------
     def full_tensor(self, slot: str) -> torch.Tensor:
-        """The full-vocabulary tensor of `slot` with the trained rows merged into the kept original.
+        """The full-vocabulary tensor of `slot` with the trained rows merged into the kept original, in the trained
+        Parameter's dtype.
 
         One tensor object per matrix and version, so tied names in a state dict share storage as they did.
         """
         kept, trained = self.kept(slot), self._trained(slot)
-        key = (slot, trained._version, kept.param._version)
+        key = (slot, trained._version, kept.param._version, trained.dtype)
         if key not in self._full_cache:
             if len(self._full_cache) > 8:  # stale versions of the matrices
                 self._full_cache.clear()
-            full = kept.param.detach().clone()
+            # In the dtype the model has now (`model.to(torch.bfloat16)` after replace converts only the compact
+            # Parameters), so a checkpoint holds what the uncompacted model would save; on the kept matrix's device.
+            full = kept.param.detach().to(trained.dtype, copy=True)
             full.index_copy_(0, self.used_ids.to(full.device), trained.detach().to(full))
             self._full_cache[key] = full
         return self._full_cache[key]
@@ -169,6 +218,8 @@ class PemaHandle:
         """Reverts every recorded change, newest first; with `merge`, the trained rows land in the full matrices."""
         while self._undo_steps:
             self._undo_steps.pop()()
+        for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
+            unmark_stale(kept.param if kept is not None else None)
         first_head = self.heads[0] if self.heads else None
         for kept, compact in (
             (self.kept_input, self.embeddings[0].weight if self.embeddings else None),
@@ -189,7 +240,9 @@ class PemaHandle:
             bias = self.kept_head_bias.param.data if self.kept_head_bias is not None else None
             self.heads[0].merge_into(kept_weight.param.data, bias)
         full_bias = self.kept_head_bias.param if self.kept_head_bias is not None else None
+        _retire(self.heads[0].weight, self.heads[0].bias)
         for module in self.heads:
+            release_managed(module)
             module.uncompact_(kept_weight.param, full_bias, self.original_class(module))
         for module, name in self.bias_aliases:
             module._parameters[name] = full_bias
@@ -200,7 +253,9 @@ class PemaHandle:
             return
         if merge:
             self.embeddings[0].merge_into(self.kept_input.param.data)
+        _retire(self.embeddings[0].weight)
         for module in self.embeddings:
+            release_managed(module)
             module.uncompact_(self.kept_input.param, self.original_class(module))
         self.embeddings.clear()
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows
 from .errors import PemaError
+from .guards import check_managed, mark_compacted
 from .modes import OutputMode, head_mode
 from .remap import Compaction
 
@@ -105,6 +106,8 @@ class CompactLMHead(nn.Linear):
         self.out_features = mode.out_features(vocab_size, used.numel())
         self.weight = compact_parameter(full_weight, used, weight, "weight")
         self.bias = None if full_bias is None else compact_parameter(full_bias, used, bias, "bias")
+        mark_compacted(self.weight, compaction.fingerprint)
+        mark_compacted(self.bias, compaction.fingerprint)
         self.register_buffer("used_ids", used, persistent=False)
         mode.setup_head(self, full_weight, full_bias)
 
@@ -118,6 +121,7 @@ class CompactLMHead(nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[*, D] -> [*, V] logits (frozen) or [*, U] logits (restricted; [*, V] within full_vocabulary_logits)."""
+        check_managed(self)
         return self.output_mode.head_forward(self, hidden)
 
     @contextmanager

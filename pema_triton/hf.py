@@ -13,10 +13,12 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from .errors import PemaError
 from .handle import get_handle
+from .remap import validate_used_ids
 from .replace import restore_embeddings
 
-__all__ = ["PemaCallback"]
+__all__ = ["PemaCallback", "UsedVocabularyCollator", "original_id_predictions"]
 
 
 def _bytes(tensors) -> int:
@@ -45,6 +47,7 @@ class PemaCallback(TrainerCallback):
         self.training_state: dict[str, int] = {}
         self.handle_summary: dict | None = None
         self._start = None
+        self._restored = None  # the model this callback restored at the end of a run
 
     @staticmethod
     def _sync():
@@ -52,9 +55,21 @@ class PemaCallback(TrainerCallback):
             torch.cuda.synchronize()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and model is self._restored and get_handle(model) is None:
+            raise PemaError(
+                "this PemaCallback restored the model when the previous train() ended, so it is no longer compacted "
+                "and would train every row; call replace_embeddings(model, used_ids) again and build a new Trainer "
+                "(its optimizer must hold the new compact rows), or pass PemaCallback(restore=False)"
+            )
+        handle = get_handle(model) if model is not None else None
+        if handle is not None and handle.output_mode.logits_over_used_ids and args.label_smoothing_factor > 0:
+            raise PemaError(
+                "label_smoothing_factor > 0 with output='restricted': the Trainer's label smoother reads the logits "
+                "with original-id labels, but restricted logits have U columns; use output='frozen', or smooth in "
+                "your own compute_loss with handle.labels_to_columns(labels)"
+            )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        handle = get_handle(model) if model is not None else None
         self.handle_summary = handle.summary() if handle is not None else None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -81,6 +96,7 @@ class PemaCallback(TrainerCallback):
             }
             if self.restore and get_handle(model) is not None:
                 restore_embeddings(model)
+                self._restored = model
 
     def summary(self) -> dict:
         """Mean step time (first step excluded: warm-up), peak CUDA bytes, training-state bytes, PEMA sizes."""
@@ -92,3 +108,59 @@ class PemaCallback(TrainerCallback):
             **{f"{k}_bytes": v for k, v in self.training_state.items()},
             "pema": self.handle_summary,
         }
+
+
+class UsedVocabularyCollator:
+    """Wraps a masked-LM collator so its random replacement tokens come from the used ids.
+
+    `DataCollatorForLanguageModeling(mlm=True)` replaces some masked tokens with random ids drawn from the whole
+    vocabulary, which a compacted model does not hold (`UnusedIdError` on the first batch). This wrapper re-draws,
+    uniformly from `used_ids`, every input id that is not a used id at a position the collator chose to predict
+    (`labels != -100`): the result is a uniform draw over the used ids (each used id keeps its 1/V chance and gets
+    an equal share of the (V - U)/V that fell outside). An unused id anywhere else is left alone, so data the
+    scan missed still raises.
+
+    Args:
+        collator: the wrapped collator (any callable returning a batch with "input_ids" and "labels").
+        used_ids: the ids the model was compacted with (`get_handle(model).used_ids`).
+        ignore_index: the label of positions that are not predicted.
+
+    Examples:
+        >>> collator = UsedVocabularyCollator(DataCollatorForLanguageModeling(tokenizer), used_ids)
+    """
+
+    def __init__(self, collator, used_ids, ignore_index: int = -100):
+        self.collator, self.ignore_index = collator, ignore_index
+        self.used_ids = validate_used_ids(used_ids, vocab_size=2**62)  # any V: the ids only need to be valid
+        self._is_used = torch.zeros(int(self.used_ids.max()) + 1, dtype=torch.bool)
+        self._is_used[self.used_ids] = True
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        ids, labels = batch["input_ids"], batch["labels"]
+        in_table = (ids >= 0) & (ids < self._is_used.numel())
+        used = in_table & self._is_used[ids.clamp(0, self._is_used.numel() - 1)]
+        redraw = (labels != self.ignore_index) & ~used
+        if bool(redraw.any()):
+            generator = getattr(self.collator, "generator", None)
+            picks = torch.randint(self.used_ids.numel(), (int(redraw.sum()),), generator=generator)
+            ids = ids.clone()
+            ids[redraw] = self.used_ids[picks].to(ids.dtype)
+            batch["input_ids"] = ids
+        return batch
+
+
+def original_id_predictions(logits: torch.Tensor, labels: torch.Tensor | None = None, *, model) -> torch.Tensor:
+    """Argmax predictions as original token ids, for `Trainer(preprocess_logits_for_metrics=...)`.
+
+    With `output="restricted"` the logits have U columns and their argmax is a compact column, which compared with
+    original-id labels gives wrong metrics; this maps it back. Full-vocabulary logits pass through as their argmax.
+    Bind the model with `functools.partial(original_id_predictions, model=model)`.
+    """
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    predictions = logits.argmax(-1)
+    handle = get_handle(model)
+    if handle is not None and handle.output_mode.logits_over_used_ids:
+        return handle.columns_to_ids(predictions)
+    return predictions

@@ -14,13 +14,16 @@ nothing outside this module branches on the mode's name.
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import register_sliced_buffer
-from .errors import PemaError
+from .errors import PemaError, PemaWarning
+from .guards import check_full_vocabulary_logits
 from .ops import frozen_head_linear
 from .remap import labels_to_columns
 
@@ -32,6 +35,7 @@ class OutputMode:
 
     name: str | None = None
     compacts_head = True
+    logits_over_used_ids = False  # logits [..., U] (column i for used_ids[i]) rather than [..., V]
     head_buffers: tuple[str, ...] = ()  # buffers setup_head adds to a head, removed when it is uncompacted
 
     # -- the head module -------------------------------------------------------------------------------------
@@ -69,7 +73,9 @@ class OutputMode:
         Full-vocabulary logits may make `generate()` pick an id the data never used: it is embedded with its
         frozen row, as full fine-tuning with the unused rows frozen would.
         """
-        _wrap_method(handle, "generate", lambda: _embedding_unused_ids(handle))
+        _wrap_method(handle, "generate", functools.partial(_embedding_unused_ids, handle))
+        hook = handle.model.register_forward_hook(functools.partial(check_full_vocabulary_logits, handle))
+        handle.on_undo(hook.remove)
 
     def __repr__(self) -> str:
         return repr(self.name)
@@ -118,6 +124,7 @@ class RestrictedHead(OutputMode):
     """Logits over the used ids only ([..., U]): a softmax over the scanned vocabulary."""
 
     name = "restricted"
+    logits_over_used_ids = True
 
     def out_features(self, vocab_size, num_used):
         return num_used
@@ -142,7 +149,7 @@ class RestrictedHead(OutputMode):
         hook = handle.model.register_forward_pre_hook(functools.partial(_remap_labels, handle), with_kwargs=True)
         handle.on_undo(hook.remove)
         for method in ("generate", "save_pretrained"):
-            _wrap_method(handle, method, lambda: _full_vocabulary(handle, configs))
+            _wrap_method(handle, method, functools.partial(_full_vocabulary, handle, configs))
 
 
 FROZEN, RESTRICTED, INPUT_ONLY = FrozenHead(), RestrictedHead(), UntouchedHead()
@@ -169,20 +176,30 @@ def head_mode(output: str | OutputMode) -> OutputMode:
 
 
 # -- model patches -------------------------------------------------------------------------------------------
+# Every patch and undo step is a bound method or a functools.partial of a module-level function, never a closure:
+# `copy.deepcopy(model)` (EMA copies, AveragedModel) then rebinds each to the copy, and pickling works.
+
+
+class _InContext:
+    """`model.<method>` run inside `context()`: an instance attribute of the model while it is compacted."""
+
+    def __init__(self, method, context):
+        self.method, self.context = method, context
+        functools.update_wrapper(self, method)
+
+    def __call__(self, *args, **kwargs):
+        with self.context():
+            return self.method(*args, **kwargs)
+
+
 def _wrap_method(handle, name: str, context) -> None:
     """Makes `model.<name>` run inside `context()`, as an instance attribute that undo removes."""
-    model = handle.model
-    if not hasattr(model, name):
-        return
-    method = getattr(model, name)
+    if hasattr(handle.model, name):
+        handle.patch(handle.model, name, _InContext(getattr(handle.model, name), context))
 
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with context():
-            return method(*args, **kwargs)
 
-    model.__dict__[name] = wrapper
-    handle.on_undo(lambda: model.__dict__.pop(name, None))
+def _put_buffer(module, name: str, buffer: torch.Tensor) -> None:
+    module._buffers[name] = buffer
 
 
 @contextmanager
@@ -225,7 +242,7 @@ def _set_vocab_size(handle, configs: list, vocab_size: int) -> None:
     for config in configs:
         config.vocab_size = vocab_size
     if handle is not None:
-        handle.on_undo(lambda: _set_vocab_size(None, configs, handle.compaction.vocab_size))
+        handle.on_undo(functools.partial(_set_vocab_size, None, configs, handle.compaction.vocab_size))
 
 
 def _slice_logit_biases(handle) -> None:
@@ -235,15 +252,24 @@ def _slice_logit_biases(handle) -> None:
         for name, buffer in list(module._buffers.items()):
             if name.endswith("logits_bias") and buffer is not None and buffer.shape[-1] == vocab_size:
                 module._buffers[name] = buffer.index_select(-1, handle.compaction.used_ids.to(buffer.device))
-                handle.on_undo(functools.partial(module._buffers.__setitem__, name, buffer))
+                handle.on_undo(functools.partial(_put_buffer, module, name, buffer))
                 register_sliced_buffer(handle, module, name, buffer)
 
 
 def _remap_labels(handle, model, args, kwargs):
-    """Forward pre-hook: `labels=` in original ids become compact columns for the [..., U] logits."""
+    """Forward pre-hook: labels in original ids (by keyword or by position) become compact columns for the
+    [..., U] logits. A training forward without labels gets a warning: a loss computed outside the model (the
+    Trainer's label smoothing, a custom loss) must remap its labels too."""
+    if "labels" not in kwargs and args:
+        args, kwargs = _by_name(model, args, kwargs)
     labels = kwargs.get("labels")
     if labels is None:
-        return None
+        if model.training:
+            warnings.warn(
+                "a training forward of a model compacted with output='restricted' got no labels: its logits are over "
+                "the U used ids (column i is used_ids[i]), so a loss computed outside the model (such as the Trainer's "
+                "label smoothing) must use handle.labels_to_columns(labels)", PemaWarning, stacklevel=2)
+        return args, kwargs
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and kwargs.get(
         "decoder_input_ids"
     ) is None and hasattr(model, "prepare_decoder_input_ids_from_labels"):
@@ -253,3 +279,22 @@ def _remap_labels(handle, model, args, kwargs):
     remap = handle.embeddings[0].remap
     kwargs["labels"] = labels_to_columns(labels, remap.to(labels.device))
     return args, kwargs
+
+
+def _by_name(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Positional arguments of `model.forward` passed by keyword instead, so `labels` is found wherever it is."""
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs  # the forward raises its own error
+    named = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            return args, kwargs  # no names to give
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return (), named

@@ -9,13 +9,20 @@ Notation: V the original vocabulary size, U the number of used ids, N the number
 
 from __future__ import annotations
 
+import json
+import os
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .errors import IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError, UsedIdsError, format_ids
 
+COMPACTION_FILE = "pema_compaction.json"
+
 __all__ = [
+    "COMPACTION_FILE",
     "Compaction",
     "build_remap",
     "check_remap",
@@ -108,6 +115,27 @@ class Compaction:
     @property
     def num_used(self) -> int:
         return self.used_ids.numel()
+
+    @property
+    def fingerprint(self) -> tuple[int, int, int]:
+        """(V, U, CRC-32 of the ids): what optimizer checkpoints record to recognise this compaction."""
+        return self.vocab_size, self.num_used, zlib.crc32(self.used_ids.numpy().tobytes())
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes `pema_compaction.json` (V and the used ids) into `directory`; returns its path."""
+        path = Path(directory) / COMPACTION_FILE
+        path.write_text(json.dumps({"vocab_size": self.vocab_size, "used_ids": self.used_ids.tolist()}))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Compaction:
+        """The compaction a checkpoint directory was written under (its `pema_compaction.json`), to resume with
+        `replace_embeddings(model, Compaction.load(checkpoint))`."""
+        path = Path(directory) / COMPACTION_FILE
+        if not path.is_file():
+            raise UsedIdsError(f"{directory} has no {COMPACTION_FILE}: it was not written by a compacted model")
+        saved = json.loads(path.read_text())
+        return cls.of(saved["used_ids"], int(saved["vocab_size"]))
 
     def remap(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The [V] int32 remap table on `device`."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoint import FullVocabularyCheckpoint
 from .embedding import CompactEmbedding
-from .errors import AlreadyCompactedError, NotCompactedError, PemaWarning, UnsupportedModuleError
+from .errors import AlreadyCompactedError, NotCompactedError, PemaError, PemaWarning, UnsupportedModuleError
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
 from .modes import OutputMode, output_mode
@@ -82,18 +82,19 @@ def replace_embeddings(
             f"{type(model).__name__} is already compacted ({get_handle(model)!r}); call restore_embeddings first"
         )
     mode = output_mode(output)
+    offload = _offload_device(offload)
     targets = _Targets.find(model, mode)
     compaction = Compaction.of(used_ids, targets.vocab_size)
     _warn_missing_special_ids(model, compaction, tokenizer)
     handle = PemaHandle(model, compaction, mode, targets.tied)
     stats_before = trainable_stats(model)
-    _compact(handle, targets, backend=backend, deterministic=deterministic, check_ids=check_ids)
-    handle.finish(offload, stats_before)
+    _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
+    handle.finish(stats_before)
     return handle
 
 
-def _compact(handle: PemaHandle, targets: _Targets, **embedding_options) -> None:
-    """Converts, probes and patches; on any failure undoes whatever was done, so the model is as it was."""
+def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None, **embedding_options) -> None:
+    """Converts, probes, patches and offloads; on any failure undoes whatever was done, so the model is as it was."""
     probe = _Probe.record(targets, handle.compaction)
     try:
         _convert_embeddings(handle, targets.embeddings, **embedding_options)
@@ -101,9 +102,26 @@ def _compact(handle: PemaHandle, targets: _Targets, **embedding_options) -> None
         probe.check(handle)
         handle.output_mode.patch_model(handle)
         FullVocabularyCheckpoint(handle).register()
+        handle.offload(offload)
     except BaseException:
         handle.undo(merge=False)
         raise
+
+
+def _offload_device(offload) -> torch.device | None:
+    """`offload=` as a device that can hold the kept matrices, checked before the model is touched."""
+    if offload is None:
+        return None
+    try:
+        device = torch.device(offload)
+        torch.empty(0, device=device)
+    except Exception as err:  # a bad name (RuntimeError) or a device this build cannot reach (AssertionError)
+        raise PemaError(f"offload={offload!r} is not a device this machine can use ({err}); "
+                        f"use 'cpu' (the default) or None to keep the full matrices where they are") from None
+    if device.type == "meta":
+        raise PemaError("offload='meta' would drop the values of the full matrices, which restore needs; "
+                        "use 'cpu' or None")
+    return device
 
 
 def restore_embeddings(model: nn.Module) -> nn.Module:

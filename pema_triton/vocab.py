@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
 
-from .errors import PemaError
+from .errors import PemaDTypeError, PemaError
 from .ops import resolve_backend, scan_ids
 from .remap import build_remap, validate_used_ids
 
@@ -118,7 +119,7 @@ def _is_datasets(source, kind: str) -> bool:
     return any(cls.__module__.startswith("datasets") and cls.__name__ == kind for cls in type(source).__mro__)
 
 
-def _arrow_ids(column) -> torch.Tensor:
+def _arrow_ids(column, name: str) -> torch.Tensor:
     """Flattens a pyarrow (chunked) list column of token ids, however nested, into one int64 tensor."""
     import pyarrow as pa
 
@@ -127,40 +128,49 @@ def _arrow_ids(column) -> torch.Tensor:
     for chunk in chunks:
         while pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
             chunk = chunk.flatten()
+        if not pa.types.is_integer(chunk.type) and not pa.types.is_null(chunk.type):
+            raise PemaDTypeError(f"column {name!r} holds {chunk.type}, not integer token ids; tokenize it first, "
+                                 f"or cast it if it holds ids stored as floats")
         parts.append(torch.from_numpy(chunk.to_numpy(zero_copy_only=False).astype("int64")))  # a writable copy
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def _chunks(source, columns: tuple[str, ...], batch_size: int):
+def _chunks(source, columns: tuple[str, ...], batch_size: int, seen: set[str]):
     """Yields (ids, done): int tensors of token ids from any supported source (see :func:`scan_vocabulary`), and
     how far each moves the progress bar, in the unit of :func:`_progress_total` (dataset rows, else items).
 
-    `ids` is None on the marker that closes one item of an iterable.
+    `ids` is None on the marker that closes one item of an iterable. `seen` collects the columns found.
     """
+    if isinstance(source, (str, bytes)):
+        raise PemaError(f"cannot scan text ({str(source)[:40]!r}): scan token ids, i.e. tokenize the data first")
+    if _is_numpy_array(source):
+        source = torch.as_tensor(source)
     if isinstance(source, torch.Tensor):
         yield source, 1
     elif _is_datasets(source, "DatasetDict") or _is_datasets(source, "IterableDatasetDict"):
         for split in source.values():
-            yield from _chunks(split, columns, batch_size)
+            yield from _chunks(split, columns, batch_size, seen)
     elif _is_datasets(source, "Dataset"):
         present = [c for c in columns if c in source.column_names]
         if not present:
             raise PemaError(f"dataset has none of the columns {columns}; its columns are {source.column_names}")
+        seen.update(present)
         # Arrow batches respect shuffles and selections (indices mappings) and flatten without Python loops.
         for table in source.with_format("arrow").iter(batch_size=batch_size):
             for k, name in enumerate(present):
-                yield _arrow_ids(table[name]), table.num_rows if k == len(present) - 1 else 0
+                yield _arrow_ids(table[name], name), table.num_rows if k == len(present) - 1 else 0
     elif isinstance(source, Mapping):
         present = [c for c in columns if c in source]
         if not present:
             raise PemaError(f"batch has none of the columns {columns}; its keys are {list(source)}")
+        seen.update(present)
         for k, name in enumerate(present):
-            yield _as_ids(source[name]), 1 if k == len(present) - 1 else 0
-    elif isinstance(source, (list, tuple)) and source and isinstance(source[0], int):
-        yield torch.tensor(source), 1
+            yield _as_ids(source[name], name), 1 if k == len(present) - 1 else 0
+    elif isinstance(source, (list, tuple)) and source and isinstance(source[0], numbers.Integral):
+        yield _as_ids(source, "ids"), 1
     elif isinstance(source, Iterable):
         for item in source:
-            for ids, _ in _chunks(item, columns, batch_size):
+            for ids, _ in _chunks(item, columns, batch_size, seen):
                 if ids is not None:
                     yield ids, 0
             yield None, 1
@@ -177,12 +187,22 @@ def _progress_total(source) -> int | None:
     return len(source)
 
 
-def _as_ids(value) -> torch.Tensor:
+def _is_numpy_array(value) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
+
+
+def _as_ids(value, name: str) -> torch.Tensor:
+    """A column's value (a tensor, numpy array, list of ids or ragged list of rows) as a flat tensor of ids;
+    float ids stay float, so the scan refuses them rather than truncating."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):  # ragged lists
-        return torch.tensor([i for row in value for i in row], dtype=torch.int64)
-    return torch.as_tensor(value)
+        value = [i for row in value for i in row]
+    try:
+        ids = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PemaError(f"column {name!r} does not hold token ids ({err}); tokenize the data first") from None
+    return ids if ids.numel() else ids.to(torch.int64)  # an empty row has no dtype of its own
 
 
 def scan_vocabulary(
@@ -226,7 +246,8 @@ def scan_vocabulary(
     size = vocab_size if vocab_size is not None else max(keep, default=-1) + 1
     scan = VocabularyScan(max(size, 1), device=device, ignore_index=ignore_index, backend=backend)
     bar = _progress(source, progress)
-    for ids, done in _chunks(source, columns, batch_size):
+    seen: set[str] = set()
+    for ids, done in _chunks(source, columns, batch_size, seen):
         if ids is not None:
             ids = torch.as_tensor(ids)
             if vocab_size is None and ids.numel():
@@ -236,6 +257,8 @@ def scan_vocabulary(
             bar.update(done)
     if bar is not None:
         bar.close()
+    if seen and seen != set(columns):  # a column no batch or split holds: most likely a typo
+        raise PemaError(f"no batch or split has the column(s) {sorted(set(columns) - seen)}; scanned {sorted(seen)}")
     return scan.used_ids(keep=keep).cpu()
 
 

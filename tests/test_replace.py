@@ -5,6 +5,7 @@ import torch
 from helpers.devices import BACKENDS
 
 from helpers import tiny_models
+from helpers.state import snapshot as _snapshot
 from pema_triton import (
     AlreadyCompactedError,
     CompactEmbedding,
@@ -23,10 +24,6 @@ from pema_triton import (
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _structure(model):
@@ -281,22 +278,16 @@ def test_a_checkpoint_of_another_vocabulary_is_refused():
 
 @pytest.mark.parametrize("output", ["frozen", "restricted"])
 def test_hf_trainer_trains_saves_and_resumes(output, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("datasets")
     model = tiny_models.build("llama-untied")
     used, _ = tiny_models.used_ids_and_batch(model)
-    gen = torch.Generator().manual_seed(3)
-    rows = [used[torch.randint(0, len(used), (12,), generator=gen)].tolist() for _ in range(16)]
-    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    data = tiny_models.token_dataset(used, 16)
 
     def trained(resume_from=None, max_steps=6):
         torch.manual_seed(0)
         m = tiny_models.build("llama-untied")
         replace_embeddings(m, used, output=output)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / "run"), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
-            weight_decay=0.0, save_steps=3, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
-            data_seed=0, seed=0,
-        )
+        args = tiny_models.trainer_args(tmp_path / "run", max_steps=max_steps, save_steps=3, logging_steps=1)
         trainer = transformers.Trainer(model=m, args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume_from)
         restore_embeddings(m)

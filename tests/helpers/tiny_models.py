@@ -73,3 +73,21 @@ def call(model, ids, **kwargs):
     if model.config.is_encoder_decoder:
         kwargs.setdefault("decoder_input_ids", ids)
     return model(input_ids=ids, **kwargs).logits
+
+
+def token_dataset(used, num_rows: int, length: int = 12, seed: int = 3):
+    """A `datasets.Dataset` of `num_rows` rows of `length` ids drawn from `used`, labels equal to the inputs."""
+    import datasets
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = [used[torch.randint(0, len(used), (length,), generator=gen)].tolist() for _ in range(num_rows)]
+    return datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def trainer_args(output_dir, **overrides):
+    """TrainingArguments for a few quiet CPU steps (learning rate 1e-2, no weight decay, fixed seeds)."""
+    import transformers
+
+    kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.0,
+                  report_to=[], use_cpu=True, disable_tqdm=True, data_seed=0, seed=0)
+    return transformers.TrainingArguments(**(kwargs | overrides))

@@ -1,0 +1,154 @@
+"""Guards against misuse that would otherwise train silently wrong: each turns it into a typed error.
+
+- An optimizer holding a Parameter that no longer trains: the full [V, D] matrix `replace_embeddings` took out of
+  the model (an optimizer built before it), or the compact rows of a model since restored (an optimizer reused
+  after it, e.g. by a second `trainer.train()`).
+- Optimizer state of another compaction: a checkpoint's Adam moments are [U, D] rows of one set of used ids. Each
+  optimizer holding compact rows records the compaction's fingerprint in its saved param groups; state loaded
+  into rows of another compaction (or into the full matrix, or full-vocabulary state into compact rows) is
+  refused. Stepping it would apply other rows' moments, or (fused Adam) read past the end of a tensor.
+
+A global optimizer step pre-hook checks all three before any weight moves: a loop over the optimizer's
+parameters, an attribute read each, plus a shape check of the (two or three) compact rows' state.
+- A copy of a compacted module used in its place: PEFT's `modules_to_save` deep-copies the embedding and head
+  and trains the copies, which restore never merges, and splits a tied matrix in two. Modules that
+  `replace_embeddings` converted are registered; a compact module that was converted but is not registered
+  (a copy of one) refuses to run. Copying the whole model (EMA) copies its handle, which registers the copies.
+- A model whose full-vocabulary logits come out U columns wide: its forward reads the compacted matrix directly
+  instead of calling the head module.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .errors import PemaError
+
+__all__ = [
+    "check_full_vocabulary_logits", "check_managed", "mark_compacted", "mark_stale", "register_managed",
+    "release_managed", "unmark_stale",
+]
+
+_STALE = "_pema_stale"  # attribute on a Parameter that must not be stepped: why, as the error message
+_COMPACTION = "_pema_compaction"  # attribute on a compact Parameter: its compaction's fingerprint
+_RECORD = "pema_compactions"  # key of a saved param group: {position in the group: fingerprint}
+_RECORDING = "_pema_recording"  # attribute on an optimizer whose state_dict records fingerprints
+
+
+_MANAGED = "_pema_managed"  # attribute on a module replace_embeddings converted (copied along with the module)
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> each managed module that may run
+
+
+def register_managed(module) -> None:
+    setattr(module, _MANAGED, True)
+    _LIVE[id(module)] = module
+
+
+def release_managed(module) -> None:
+    module.__dict__.pop(_MANAGED, None)
+    if _LIVE.get(id(module)) is module:
+        del _LIVE[id(module)]
+
+
+def check_managed(module) -> None:
+    """Raises if `module` is a copy of a module replace_embeddings converted, rather than that module."""
+    if module.__dict__.get(_MANAGED) and _LIVE.get(id(module)) is not module:
+        raise PemaError(
+            f"this {type(module).__name__} is a copy of a module that replace_embeddings compacted (PEFT's "
+            f"modules_to_save makes such copies): it would train rows that restore_embeddings never merges back, and "
+            f"split a tied matrix. Leave the embeddings and the LM head out of modules_to_save: compacted, their "
+            f"used rows train already"
+        )
+
+
+def mark_stale(param: torch.Tensor | None, why: str) -> None:
+    """Refuse optimizer steps over `param` from now on, saying `why`."""
+    if param is not None:
+        setattr(param, _STALE, why)
+
+
+def mark_compacted(param: torch.Tensor | None, fingerprint: tuple[int, int, int]) -> None:
+    """`param` holds the rows of the compaction with this fingerprint (see `Compaction.fingerprint`)."""
+    if param is not None:
+        setattr(param, _COMPACTION, fingerprint)
+
+
+def unmark_stale(param: torch.Tensor | None) -> None:
+    if param is not None and hasattr(param, _STALE):
+        delattr(param, _STALE)
+
+
+def _check_optimizer_step(optimizer, args, kwargs):
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        recorded = group.get(_RECORD)  # present once a state dict written under a compaction was loaded
+        for position, param in enumerate(group["params"]):
+            why = getattr(param, _STALE, None)
+            if why is not None:
+                raise PemaError(f"{name}.step() over a parameter that does not train: {why}")
+            mine = getattr(param, _COMPACTION, None)
+            theirs = recorded.get(position, recorded.get(str(position))) if recorded is not None else None
+            if recorded is not None and mine != (tuple(theirs) if theirs is not None else None):
+                raise PemaError(f"{name}.step() with optimizer state of another compaction: {_describe(theirs, mine)}")
+            if mine is not None:
+                _check_state_shapes(optimizer, param, name)
+                if not getattr(optimizer, _RECORDING, False):
+                    optimizer.register_state_dict_post_hook(_record_compactions)
+                    setattr(optimizer, _RECORDING, True)
+        group.pop(_RECORD, None)  # checked: later state dicts record the parameters as they are then
+    return None
+
+
+def _check_state_shapes(optimizer, param, name: str) -> None:
+    for key, value in optimizer.state.get(param, {}).items():
+        if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+            raise PemaError(
+                f"{name}.step() with state {key!r} of shape {tuple(value.shape)} for compact rows of shape "
+                f"{tuple(param.shape)}: the optimizer state was loaded from a checkpoint of an uncompacted model; "
+                f"resume the uncompacted model, or start the optimizer afresh"
+            )
+
+
+def _describe(theirs, mine) -> str:
+    def what(fingerprint):
+        if fingerprint is None:
+            return "the full, uncompacted matrix"
+        vocab_size, num_used, crc = fingerprint
+        return f"a compaction of {num_used:,} of {vocab_size:,} ids (checksum {crc:08x})"
+
+    return (f"it was saved for {what(theirs)}, but this parameter is {what(mine)}. Resume on a model compacted "
+            f"with the checkpoint's used ids: replace_embeddings(model, Compaction.load(checkpoint_dir)) reads its "
+            f"pema_compaction.json")
+
+
+def _record_compactions(optimizer, state_dict):
+    """Optimizer state-dict post-hook: each saved group records the fingerprints of its compact parameters."""
+    for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        record = {i: getattr(p, _COMPACTION) for i, p in enumerate(group["params"]) if hasattr(p, _COMPACTION)}
+        if record:
+            saved[_RECORD] = record
+    return state_dict
+
+
+_hook = register_optimizer_step_pre_hook(_check_optimizer_step)  # for every optimizer of this process
+
+
+def check_full_vocabulary_logits(handle, model, args, output) -> None:
+    """Forward hook of a model whose logits must have V columns (`frozen`, or the head untouched)."""
+    logits = output if torch.is_tensor(output) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    num_used, vocab_size = handle.compaction.num_used, handle.compaction.vocab_size
+    if not torch.is_tensor(logits) or logits.dim() == 0 or logits.shape[-1] != num_used or num_used == vocab_size:
+        return
+    if logits is output and num_used == handle.embeddings[0].embedding_dim:
+        return  # a bare [.., D] tensor: hidden states as wide as U, not logits
+    raise PemaError(
+        f"{type(model).__name__} returned logits over {num_used} columns (U) where the full vocabulary has "
+        f"{vocab_size}: its forward reads the compacted matrix (now [U, D]) directly instead of calling the "
+        f"embedding or head module. Compute the logits with the model's output embedding module, or use "
+        f"output='restricted' if U columns are what you want"
+    )
