@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .checkpoint import register_sliced_buffer
 from .errors import PemaError, PemaWarning
 from .guards import check_full_vocabulary_logits
-from .ops import frozen_head_linear
+from .head_ops import frozen_head_linear
 from .remap import labels_to_columns
 
 __all__ = ["FROZEN", "INPUT_ONLY", "OUTPUT_MODES", "RESTRICTED", "OutputMode", "head_mode", "output_mode"]

@@ -119,3 +119,97 @@ def mark_ids(
     if counts is not None:
         counts += torch.bincount(seen, minlength=vocab_size).to(counts.dtype)
     return (~valid & ~skipped).sum().to(torch.int32).reshape(1)
+
+
+# Chunk sizes of the fused head + loss: a [tokens, vocabulary] fp32 logit block of at most 2048 x 8192 = 64 MiB,
+# whatever N and V are (the unfused head holds all N x V).
+_TOKEN_CHUNK, _VOCAB_CHUNK = 2048, 8192
+
+
+def _head_rows(weight, frozen_weight, remap, start, stop, dtype):
+    """[stop - start, D] rows of the head rounded to `dtype` and held in its accumulation dtype: trainable rows
+    from the compact `weight` through `remap`, the others from `frozen_weight`. One vocabulary chunk at a time,
+    never the [V, D] matrix. Products of the rounded values summed in fp32 are what the kernels compute."""
+    rows = remap[start:stop].long()
+    chunk = frozen_weight[start:stop].to(dtype, copy=True)
+    trainable = rows >= 0
+    chunk[trainable] = weight[rows[trainable]].to(dtype)
+    return chunk.to(accumulation_dtype(dtype)), rows, trainable
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    frozen_weight: torch.Tensor,
+    remap: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy of the head's logits over all V rows, without the [N, V] logits.
+
+    Args:
+        hidden: [N, D]. weight: [U, D] trainable rows. frozen_weight: [V, D], read where `remap` is -1.
+        remap: [V] int32 compact row of each id, -1 for a frozen one. targets: [N] ids in [0, V) or `ignore_index`.
+        compute_dtype: the dtype of the logit GEMM's inputs (the autocast dtype under autocast); accumulation fp32.
+
+    Returns:
+        loss: [N] fp32 (fp64 for fp64), `logsumexp(logits) - logits[target]`, 0 where ignored. lse: [N] likewise.
+    """
+    dtype = compute_dtype or hidden.dtype
+    acc = accumulation_dtype(dtype)
+    vocab_size, num_tokens = remap.numel(), hidden.shape[0]
+    lse = torch.empty(num_tokens, dtype=acc, device=hidden.device)
+    target_logit = torch.zeros(num_tokens, dtype=acc, device=hidden.device)
+    for n0 in range(0, num_tokens, _TOKEN_CHUNK):
+        h = hidden[n0 : n0 + _TOKEN_CHUNK].to(dtype).to(acc)
+        t = targets[n0 : n0 + _TOKEN_CHUNK]
+        parts = []
+        for v0 in range(0, vocab_size, _VOCAB_CHUNK):
+            w, _, _ = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
+            logits = h @ w.t()
+            parts.append(torch.logsumexp(logits, dim=-1))
+            inside = (t >= v0) & (t < v0 + w.shape[0])
+            picked = logits.gather(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
+            target_logit[n0 : n0 + _TOKEN_CHUNK] += torch.where(inside, picked, 0.0)
+        lse[n0 : n0 + _TOKEN_CHUNK] = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+    loss = torch.where(targets != ignore_index, lse - target_logit, 0.0)
+    return loss, lse
+
+
+def linear_cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    frozen_weight: torch.Tensor,
+    remap: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `sum(grad_loss * loss)` for :func:`linear_cross_entropy`, logits recomputed by chunks.
+
+    Args:
+        grad_loss: [N] weight of each token's loss (0 where ignored). lse: [N] from the forward.
+
+    Returns:
+        grad_hidden: [N, D] (over all V rows), grad_weight: [U, D] (the trainable rows only), both accumulated in
+        fp32 (fp64 for fp64).
+    """
+    dtype = compute_dtype or hidden.dtype
+    acc = accumulation_dtype(dtype)
+    vocab_size, num_tokens = remap.numel(), hidden.shape[0]
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
+    for n0 in range(0, num_tokens, _TOKEN_CHUNK):
+        chunk = slice(n0, n0 + _TOKEN_CHUNK)
+        h, t, g = hidden[chunk].to(dtype).to(acc), targets[chunk], grad_loss[chunk]
+        for v0 in range(0, vocab_size, _VOCAB_CHUNK):
+            w, rows, trainable = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
+            grad_logits = torch.exp(h @ w.t() - lse[chunk, None])
+            hit = (t - v0)[:, None] == torch.arange(w.shape[0], device=t.device)
+            # Rounded to the compute dtype for the two GEMMs, as autograd's gradient of a half-precision head is.
+            grad_logits = ((grad_logits - hit.to(acc)) * g[:, None]).to(dtype).to(acc)
+            grad_hidden[chunk] += grad_logits @ w
+            grad_weight.index_add_(0, rows[trainable], grad_logits[:, trainable].t() @ h)
+    return grad_hidden, grad_weight

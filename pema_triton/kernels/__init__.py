@@ -8,8 +8,12 @@ run on CPU tensors (Triton picks the interpreter when a kernel is decorated).
 """
 
 from ._common import INTERPRET
+from .linear_ce import linear_cross_entropy, linear_cross_entropy_backward
 from .lookup import lookup
 from .scan import mark_ids, mark_ids_packed, used_ids_from_packed
 from .scatter import lookup_backward
 
-__all__ = ["INTERPRET", "lookup", "lookup_backward", "mark_ids", "mark_ids_packed", "used_ids_from_packed"]
+__all__ = [
+    "INTERPRET", "linear_cross_entropy", "linear_cross_entropy_backward", "lookup", "lookup_backward", "mark_ids",
+    "mark_ids_packed", "used_ids_from_packed",
+]
