@@ -35,6 +35,7 @@ class OutputMode:
 
     name: str | None = None
     compacts_head = True
+    fused_loss = False  # the loss computed with the head, without logits (pema_triton.fused)
     logits_over_used_ids = False  # logits [..., U] (column i for used_ids[i]) rather than [..., V]
     head_buffers: tuple[str, ...] = ()  # buffers setup_head adds to a head, removed when it is uncompacted
 
@@ -78,7 +79,7 @@ class OutputMode:
         handle.on_undo(hook.remove)
 
     def __repr__(self) -> str:
-        return repr(self.name)
+        return repr(self.name) + (" (fused loss)" if self.fused_loss else "")
 
 
 class UntouchedHead(OutputMode):
@@ -261,7 +262,7 @@ def _remap_labels(handle, model, args, kwargs):
     [..., U] logits. A training forward without labels gets a warning: a loss computed outside the model (the
     Trainer's label smoothing, a custom loss) must remap its labels too."""
     if "labels" not in kwargs and args:
-        args, kwargs = _by_name(model, args, kwargs)
+        args, kwargs = arguments_by_name(model, args, kwargs)
     labels = kwargs.get("labels")
     if labels is None:
         if model.training:
@@ -281,7 +282,7 @@ def _remap_labels(handle, model, args, kwargs):
     return args, kwargs
 
 
-def _by_name(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def arguments_by_name(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Positional arguments of `model.forward` passed by keyword instead, so `labels` is found wherever it is."""
     signature = inspect.signature(model.forward)
     try:

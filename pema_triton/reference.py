@@ -121,9 +121,10 @@ def mark_ids(
     return (~valid & ~skipped).sum().to(torch.int32).reshape(1)
 
 
-# Chunk sizes of the fused head + loss: a [tokens, vocabulary] fp32 logit block of at most 2048 x 8192 = 64 MiB,
-# whatever N and V are (the unfused head holds all N x V).
-_TOKEN_CHUNK, _VOCAB_CHUNK = 2048, 8192
+# Chunk sizes of the fused head + loss: a [tokens, vocabulary] fp32 logit block of at most 1024 x 2048 = 8 MiB,
+# whatever N and V are (the unfused head holds all N x V: 1024 tokens x 49,152 ids is already 192 MiB), worked on
+# in place so that one such block is alive at a time. Smaller blocks cost time (Python steps, smaller GEMMs).
+_TOKEN_CHUNK, _VOCAB_CHUNK = 1024, 2048
 
 
 def _head_rows(weight, frozen_weight, remap, start, stop, dtype):
@@ -168,10 +169,11 @@ def linear_cross_entropy(
         for v0 in range(0, vocab_size, _VOCAB_CHUNK):
             w, _, _ = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
             logits = h @ w.t()
-            parts.append(torch.logsumexp(logits, dim=-1))
             inside = (t >= v0) & (t < v0 + w.shape[0])
             picked = logits.gather(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
             target_logit[n0 : n0 + _TOKEN_CHUNK] += torch.where(inside, picked, 0.0)
+            top = logits.amax(dim=1)  # log-sum-exp in place: one [tokens, vocabulary] block alive
+            parts.append(top + logits.sub_(top[:, None]).exp_().sum(dim=1).log_())
         lse[n0 : n0 + _TOKEN_CHUNK] = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
     loss = torch.where(targets != ignore_index, lse - target_logit, 0.0)
     return loss, lse
@@ -206,10 +208,12 @@ def linear_cross_entropy_backward(
         h, t, g = hidden[chunk].to(dtype).to(acc), targets[chunk], grad_loss[chunk]
         for v0 in range(0, vocab_size, _VOCAB_CHUNK):
             w, rows, trainable = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
-            grad_logits = torch.exp(h @ w.t() - lse[chunk, None])
-            hit = (t - v0)[:, None] == torch.arange(w.shape[0], device=t.device)
+            grad_logits = (h @ w.t()).sub_(lse[chunk, None]).exp_()  # the softmax, in place
+            inside = ((t >= v0) & (t < v0 + w.shape[0])).nonzero().flatten()
+            grad_logits[inside, t[inside] - v0] -= 1.0  # minus the one-hot target
+            grad_logits.mul_(g[:, None])
             # Rounded to the compute dtype for the two GEMMs, as autograd's gradient of a half-precision head is.
-            grad_logits = ((grad_logits - hit.to(acc)) * g[:, None]).to(dtype).to(acc)
-            grad_hidden[chunk] += grad_logits @ w
+            grad_logits = grad_logits.to(dtype).to(acc)
+            grad_hidden[chunk].addmm_(grad_logits, w)
             grad_weight.index_add_(0, rows[trainable], grad_logits[:, trainable].t() @ h)
     return grad_hidden, grad_weight

@@ -25,6 +25,7 @@ from .embedding import CompactEmbedding
 from .errors import AlreadyCompactedError, NotCompactedError, PemaError, PemaWarning, UnsupportedModuleError
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
+from .fused import fused_mode
 from .modes import OutputMode, output_mode
 from .remap import Compaction
 
@@ -44,6 +45,7 @@ def replace_embeddings(
     backend: str = "auto",
     deterministic: bool | None = None,
     check_ids: bool = True,
+    fused_loss: bool = False,
     tokenizer=None,
 ) -> PemaHandle:
     """Compacts `model`'s input embedding (and output embedding) to the rows of `used_ids`, in place.
@@ -60,6 +62,8 @@ def replace_embeddings(
         offload: where the full original matrices wait until restore ("cpu"), or None to leave them where
             they are. A `frozen` head keeps its own [V, D] copy on the model's device: it needs the unused rows.
         backend, deterministic, check_ids: passed to every :class:`CompactEmbedding`.
+        fused_loss: in training with `labels`, compute the causal-LM loss with the head, without the logits
+            (:mod:`pema_triton.fused`); needs output="frozen" or "restricted".
         tokenizer: optional; its pad / unk / bos / eos ids missing from `used_ids` are warned about.
 
     Returns:
@@ -81,7 +85,7 @@ def replace_embeddings(
         raise AlreadyCompactedError(
             f"{type(model).__name__} is already compacted ({get_handle(model)!r}); call restore_embeddings first"
         )
-    mode = output_mode(output)
+    mode = fused_mode(output_mode(output)) if fused_loss else output_mode(output)
     offload = _offload_device(offload)
     targets = _Targets.find(model, mode)
     compaction = Compaction.of(used_ids, targets.vocab_size)

@@ -39,3 +39,5 @@ def test_demo_runs_and_pema_equals_its_baselines():
     assert baseline == "hook baseline" and frozen <= exact_bound and full > 0  # full FT also trains unused head rows
     full, restricted, baseline = differences("PEMA restricted")
     assert baseline == "hook + mask baseline" and restricted < 1e-3 and full > 0
+    full, fused, baseline = differences("PEMA frozen + fused loss")  # no logits: the frozen objective, round-off
+    assert baseline == "hook baseline" and fused < 1e-3 and full > 0
