@@ -59,7 +59,10 @@ def load_compact_rows(ids_ptr, remap_ptr, N, V, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def count_into(counter_ptr, mask):
-    """Adds the number of set lanes of `mask` to the [1] int32 counter: one atomic per program, none if zero."""
+    """Adds the number of set lanes of `mask` to the [1] int32 counter: one atomic per program, none if zero.
+
+    Relaxed: the default (acq_rel) fences every atomic, and only a later kernel or the host reads the counter.
+    """
     num = tl.sum(mask.to(tl.int32), axis=0)
     if num > 0:
-        tl.atomic_add(counter_ptr, num)
+        tl.atomic_add(counter_ptr, num, sem="relaxed")

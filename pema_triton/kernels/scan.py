@@ -42,9 +42,12 @@ def _scan_kernel(
         m_bad = m_bad & (b_ids != ignore_index)
         m_valid = m_valid & (b_ids != ignore_index)  # skipped even where it is a real id (e.g. a pad label)
     count_into(num_bad_ptr, m_bad)
-    tl.store(byte_map_ptr + b_ids, tl.full([BLOCK], 1, tl.uint8), mask=m_valid)
-    if HAS_COUNTS:
-        tl.atomic_add(counts_ptr + b_ids, tl.full([BLOCK], 1, tl.int64), mask=m_valid)
+    # Test before set: real text repeats a few ids in most positions, and stores of one byte from many lanes hit
+    # one memory sector; a read of an already-set byte skips the store.
+    b_seen = tl.load(byte_map_ptr + b_ids, mask=m_valid, other=1)
+    tl.store(byte_map_ptr + b_ids, tl.full([BLOCK], 1, tl.uint8), mask=m_valid & (b_seen == 0))
+    if HAS_COUNTS:  # relaxed: only a later kernel or the host reads the counts
+        tl.atomic_add(counts_ptr + b_ids, tl.full([BLOCK], 1, tl.int64), mask=m_valid, sem="relaxed")
 
 
 def mark_ids(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Tensor | None = None,
@@ -85,7 +88,7 @@ def _scan_packed_kernel(
     count_into(num_bad_ptr, m_n & ~m_valid)
     # Bit 31 wraps to the int32 sign bit, which is what the OR needs.
     b_bits = (tl.full([BLOCK], 1, tl.int64) << (b_ids & 31)).to(tl.int32)
-    tl.atomic_or(words_ptr + (b_ids >> 5), b_bits, mask=m_valid)
+    tl.atomic_or(words_ptr + (b_ids >> 5), b_bits, mask=m_valid, sem="relaxed")
 
 
 def mark_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -40,7 +40,10 @@ def _scatter_atomic_kernel(
     m_tile = m_row[:, None] & m_d[None, :]
     b_g = tl.load(grad_out_ptr + o_n[:, None] * D + o_d[None, :], mask=m_tile, other=0.0)
     # Accumulate in fp32: bf16 atomics lose the low bits of every repeated id (and the interpreter lacks them).
-    tl.atomic_add(acc_ptr + b_rows[:, None] * D + o_d[None, :], b_g.to(acc_ptr.dtype.element_ty), mask=m_tile)
+    # Relaxed: the default (acq_rel) puts a full fence around every vectorised add; only the next kernel (the
+    # cast) reads the accumulator.
+    tl.atomic_add(acc_ptr + b_rows[:, None] * D + o_d[None, :], b_g.to(acc_ptr.dtype.element_ty), mask=m_tile,
+                  sem="relaxed")
 
 
 @triton.jit
