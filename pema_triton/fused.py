@@ -148,6 +148,8 @@ def _give_loss(head, model, args, output):
     if loss is None:
         return None
     head.fused_loss_value = None
+    if isinstance(output, tuple):  # return_dict=False: the model's (loss, logits, ...) with labels
+        return (loss, None, *output[1:])
     fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
     return type(output)(loss=loss, logits=None, **fields)
 

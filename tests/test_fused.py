@@ -62,6 +62,15 @@ def test_the_fused_loss_is_the_models_own_without_logits(name, output, backend):
     assert "fused_targets" not in head.__dict__ and not hasattr(head, "loss_remap")
 
 
+def test_tuple_outputs_put_the_loss_first():
+    unfused, fused, used, ids = _pair("llama-untied", "frozen")
+    torch.manual_seed(0)
+    want = unfused(input_ids=ids, labels=ids, return_dict=False)
+    got = fused(input_ids=ids, labels=ids, return_dict=False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert got[1] is None and len(got) == len(want)
+
+
 def test_num_items_in_batch_sums_over_the_given_count():
     unfused, fused, used, ids = _pair("qwen2", "frozen")
     labels = ids.clone()
