@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import FullVocabularyCheckpoint
+from .distributed import check_same_used_ids, in_distributed_job, keep_buffers_out_of_ddp
 from .embedding import CompactEmbedding
 from .errors import AlreadyCompactedError, NotCompactedError, PemaError, PemaWarning, UnsupportedModuleError
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
@@ -47,6 +48,7 @@ def replace_embeddings(
     check_ids: bool = True,
     fused_loss: bool = False,
     tokenizer=None,
+    process_group=None,
 ) -> PemaHandle:
     """Compacts `model`'s input embedding (and output embedding) to the rows of `used_ids`, in place.
 
@@ -65,6 +67,8 @@ def replace_embeddings(
         fused_loss: in training with `labels`, compute the causal-LM loss with the head, without the logits
             (:mod:`pema_triton.fused`); needs output="frozen" or "restricted".
         tokenizer: optional; its pad / unk / bos / eos ids missing from `used_ids` are warned about.
+        process_group: in a `torch.distributed` job, the ranks that must pass the same used ids (else
+            `UsedIdsError` names them); default all. DDP never broadcasts the compacted modules' buffers.
 
     Returns:
         a :class:`PemaHandle` (also kept on the model) with the sizes before and after, and `restore()`.
@@ -81,14 +85,12 @@ def replace_embeddings(
         >>> handle = replace_embeddings(model, used)              # train as usual, then:
         >>> restore_embeddings(model)
     """
-    if get_handle(model) is not None:
-        raise AlreadyCompactedError(
-            f"{type(model).__name__} is already compacted ({get_handle(model)!r}); call restore_embeddings first"
-        )
+    _refuse_compacted(model)
     mode = fused_mode(output_mode(output)) if fused_loss else output_mode(output)
     offload = _offload_device(offload)
     targets = _Targets.find(model, mode)
     compaction = Compaction.of(used_ids, targets.vocab_size)
+    _check_every_rank(compaction, process_group)
     _warn_missing_special_ids(model, compaction, tokenizer)
     handle = PemaHandle(model, compaction, mode, targets.tied)
     stats_before = trainable_stats(model)
@@ -106,6 +108,7 @@ def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None
         probe.check(handle)
         handle.output_mode.patch_model(handle)
         FullVocabularyCheckpoint(handle).register()
+        keep_buffers_out_of_ddp(handle)
         handle.offload(offload)
     except BaseException:
         handle.undo(merge=False)
@@ -126,6 +129,18 @@ def _offload_device(offload) -> torch.device | None:
         raise PemaError("offload='meta' would drop the values of the full matrices, which restore needs; "
                         "use 'cpu' or None")
     return device
+
+
+def _refuse_compacted(model: nn.Module) -> None:
+    if get_handle(model) is not None:
+        raise AlreadyCompactedError(
+            f"{type(model).__name__} is already compacted ({get_handle(model)!r}); call restore_embeddings first"
+        )
+
+
+def _check_every_rank(compaction: Compaction, process_group) -> None:
+    if in_distributed_job(process_group):
+        check_same_used_ids(compaction.fingerprint, process_group)
 
 
 def restore_embeddings(model: nn.Module) -> nn.Module:

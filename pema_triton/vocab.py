@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .distributed import in_distributed_job, largest_across_ranks, union_across_ranks
 from .errors import PemaDTypeError, PemaError
 from .ops import resolve_backend, scan_ids
 from .remap import build_remap, validate_used_ids
@@ -216,6 +217,8 @@ def scan_vocabulary(
     backend: str = "auto",
     batch_size: int = 10_000,
     progress: bool | None = None,
+    combine_ranks: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """The sorted token ids a dataset uses, for :func:`pema_triton.replace_embeddings`.
 
@@ -231,6 +234,9 @@ def scan_vocabulary(
         backend: "auto", "triton" or "torch".
         batch_size: rows per Arrow batch for datasets.
         progress: show a tqdm bar (default: when the source has a length and tqdm is installed).
+        combine_ranks: inside an initialized `torch.distributed` job, return the ids every rank's source uses
+            (one all-reduce of the [V] byte map), so ranks scanning their own shards compact alike; False keeps
+            this rank's. `process_group` picks the ranks (default: all).
 
     Returns:
         [U] sorted int64 ids.
@@ -245,12 +251,20 @@ def scan_vocabulary(
     keep = [int(i) for i in keep]
     size = vocab_size if vocab_size is not None else max(keep, default=-1) + 1
     scan = VocabularyScan(max(size, 1), device=device, ignore_index=ignore_index, backend=backend)
-    bar = _progress(source, progress)
+    _scan_chunks(scan, source, columns, batch_size, grow=vocab_size is None, bar=_progress(source, progress))
+    if combine_ranks and in_distributed_job(process_group):
+        scan.grow(largest_across_ranks(scan.vocab_size, process_group))
+        union_across_ranks(scan.byte_map, scan.counts, process_group)
+    return scan.used_ids(keep=keep).cpu()
+
+
+def _scan_chunks(scan: VocabularyScan, source, columns: tuple[str, ...], batch_size: int, grow: bool, bar) -> None:
+    """Marks every chunk of `source` in `scan` (growing it to the largest id when `grow`), moving `bar`."""
     seen: set[str] = set()
     for ids, done in _chunks(source, columns, batch_size, seen):
         if ids is not None:
             ids = torch.as_tensor(ids)
-            if vocab_size is None and ids.numel():
+            if grow and ids.numel():
                 scan.grow(int(ids.max()) + 1)
             scan.update(ids)
         if bar is not None and done:
@@ -259,7 +273,6 @@ def scan_vocabulary(
         bar.close()
     if seen and seen != set(columns):  # a column no batch or split holds: most likely a typo
         raise PemaError(f"no batch or split has the column(s) {sorted(set(columns) - seen)}; scanned {sorted(seen)}")
-    return scan.used_ids(keep=keep).cpu()
 
 
 def _progress(source, progress: bool | None):

@@ -1,0 +1,94 @@
+"""Compaction in a `torch.distributed` job: one vocabulary for every rank, and nothing [V, D] on the wire.
+
+- The scan combines the ranks' byte maps (one all-reduce of V bytes), so ranks that each scan their own shard
+  compact to the same used ids.
+- `replace_embeddings` checks that every rank passed the same used ids (an all-reduce of three integers) and
+  raises `UsedIdsError` naming the ranks that differ, where DDP would fail on a shape in its constructor.
+- DDP leaves the buffers of a compacted model alone: a `frozen` head's [V, D] matrix is identical on every rank
+  and never changes, so broadcasting it every forward (`broadcast_buffers=True`, DDP's default) only costs time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .errors import UsedIdsError
+
+__all__ = [
+    "check_same_used_ids", "in_distributed_job", "keep_buffers_out_of_ddp", "largest_across_ranks",
+    "union_across_ranks",
+]
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # DDP reads this attribute of the module it wraps
+
+
+def in_distributed_job(group=None) -> bool:
+    """Whether a process group is initialized with more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _collective_device(group) -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def largest_across_ranks(value: int, group=None) -> int:
+    """The largest of every rank's `value` (the vocabulary size of scans that grew to their largest id)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor)
+
+
+def union_across_ranks(byte_map: torch.Tensor, counts: torch.Tensor | None, group=None) -> None:
+    """Every rank's byte map becomes the union of all ranks' (and counts their sum), in place."""
+    import torch.distributed as dist
+
+    device = _collective_device(group)
+    for tensor, op in ((byte_map, dist.ReduceOp.MAX), (counts, dist.ReduceOp.SUM)):
+        if tensor is None:
+            continue
+        moved = tensor.to(device)
+        dist.all_reduce(moved, op=op, group=group)
+        tensor.copy_(moved)
+
+
+def check_same_used_ids(fingerprint: tuple[int, int, int], group=None) -> None:
+    """Raises `UsedIdsError` on every rank unless all ranks compact with the same (V, U, checksum)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(fingerprint, dtype=torch.int64, device=_collective_device(group))
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if torch.equal(low, high):
+        return
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, tuple(fingerprint), group=group)
+    groups: dict[tuple, list[int]] = {}
+    for rank, value in enumerate(everyone):
+        groups.setdefault(tuple(value), []).append(rank)
+    described = "; ".join(f"ranks {ranks}: U={value[1]:,} of V={value[0]:,} (checksum {value[2]:08x})"
+                          for value, ranks in groups.items())
+    raise UsedIdsError(
+        f"the ranks passed different used ids ({described}); every rank must compact to the same vocabulary. "
+        f"scan_vocabulary combines the ranks' scans by default inside a distributed job: scan on every rank (or "
+        f"scan once and broadcast the ids) before replace_embeddings"
+    )
+
+
+def keep_buffers_out_of_ddp(handle) -> None:
+    """Names the compacted modules' buffers in the model's DDP ignore list (undone on restore)."""
+    model = handle.model
+    names = [f"{path}.{name}" for path, module in model.named_modules()
+             if any(module is m for m in handle.embeddings + handle.heads)
+             for name, buffer in module._buffers.items() if buffer is not None]
+    previous = list(getattr(model, _DDP_IGNORE, []))
+    setattr(model, _DDP_IGNORE, previous + [n for n in names if n not in previous])
+    handle.on_undo(functools.partial(setattr, model, _DDP_IGNORE, previous))

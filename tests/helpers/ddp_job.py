@@ -1,0 +1,76 @@
+"""One rank of a 2-rank gloo job for tests/test_distributed.py, launched by `torchrun --standalone`.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/ddp_job.py train NAME OUTPUT RESULT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/ddp_job.py mismatch RESULT_DIR
+
+`train`: each rank scans its own shard, compacts, trains under DDP and restores; rank 0 saves what the test
+compares. `mismatch`: each rank scans only its shard (combine_ranks=False) and records replace_embeddings' error.
+"""
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from helpers import tiny_models  # tests/ is on PYTHONPATH (set by the test that launches this job)
+
+from pema_triton import UsedIdsError, replace_embeddings, restore_embeddings, scan_vocabulary
+
+WORLD, STEPS, ROWS = 2, 3, 4  # ranks, optimizer steps, rows per rank and step
+
+
+def batches(used, rank=None):
+    """Per step, this rank's rows (or, with rank=None, every rank's rows concatenated)."""
+    data = tiny_models.token_dataset(used, WORLD * STEPS * ROWS)["input_ids"]
+    steps = [torch.tensor(data[s * WORLD * ROWS:(s + 1) * WORLD * ROWS]) for s in range(STEPS)]
+    return steps if rank is None else [step[rank * ROWS:(rank + 1) * ROWS] for step in steps]
+
+
+def train(model, steps, step_fn=None):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for batch in steps:
+        (step_fn or model)(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _train_job(rank, name, output, result_file):
+    model = tiny_models.build(name)  # the same seed: the same initial weights on every rank
+    used, _ = tiny_models.used_ids_and_batch(model)
+    mine = batches(used, rank)
+    shard_used = scan_vocabulary(mine, tiny_models.V, keep=sorted(tiny_models.special_ids(model)))
+    replace_embeddings(model, shard_used, output=None if output == "None" else output)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ignored = set(ddp.parameters_to_ignore)
+    vocabulary_sized = [n for n, p in ddp.module.named_parameters() if p.shape[0] == tiny_models.V]
+    train(model, mine, step_fn=ddp)
+    restore_embeddings(model)
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "used": shard_used, "ignored": ignored,
+                    "vocabulary_sized": vocabulary_sized}, result_file)
+
+
+def _mismatch_job(rank, result_dir):
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    shard_used = scan_vocabulary(batches(used, rank), tiny_models.V, combine_ranks=False,
+                                 keep=sorted(tiny_models.special_ids(model)))
+    try:
+        replace_embeddings(model, shard_used)
+        message = "no error"
+    except UsedIdsError as err:
+        message = str(err)
+    (Path(result_dir) / f"rank{rank}.txt").write_text(message)
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", timeout=timedelta(minutes=2))
+    try:
+        if sys.argv[1] == "train":
+            _train_job(dist.get_rank(), *sys.argv[2:5])
+        else:
+            _mismatch_job(dist.get_rank(), sys.argv[2])
+    finally:
+        dist.destroy_process_group()
