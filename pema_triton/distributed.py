@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .errors import UsedIdsError
@@ -90,5 +88,4 @@ def keep_buffers_out_of_ddp(handle) -> None:
              if any(module is m for m in handle.embeddings + handle.heads)
              for name, buffer in module._buffers.items() if buffer is not None]
     previous = list(getattr(model, _DDP_IGNORE, []))
-    setattr(model, _DDP_IGNORE, previous + [n for n in names if n not in previous])
-    handle.on_undo(functools.partial(setattr, model, _DDP_IGNORE, previous))
+    handle.patch(model, _DDP_IGNORE, previous + [n for n in names if n not in previous])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .errors import PemaError, UnsupportedModuleError
 from .head_ops import compact_linear_cross_entropy
 from .modes import FROZEN, RESTRICTED, FrozenHead, OutputMode, RestrictedHead, arguments_by_name
+from .remap import build_remap
 
 __all__ = ["FUSED_FROZEN", "FUSED_RESTRICTED", "fused_mode"]
 
@@ -72,9 +73,7 @@ class FusedFrozenHead(_FusedLoss, FrozenHead):
     head_buffers = FrozenHead.head_buffers + ("loss_remap",)
 
     def loss_remap(self, head):
-        remap = torch.full((head.num_embeddings,), -1, dtype=torch.int32, device=head.used_ids.device)
-        remap[head.used_ids] = torch.arange(head.num_used, dtype=torch.int32, device=remap.device)
-        return remap
+        return build_remap(head.used_ids, head.num_embeddings)
 
     def frozen_matrix(self, head):
         return head.frozen_weight

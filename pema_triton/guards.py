@@ -7,15 +7,15 @@
   optimizer holding compact rows records the compaction's fingerprint in its saved param groups; state loaded
   into rows of another compaction (or into the full matrix, or full-vocabulary state into compact rows) is
   refused. Stepping it would apply other rows' moments, or (fused Adam) read past the end of a tensor.
-
-A global optimizer step pre-hook checks all three before any weight moves: a loop over the optimizer's
-parameters, an attribute read each, plus a shape check of the (two or three) compact rows' state.
 - A copy of a compacted module used in its place: PEFT's `modules_to_save` deep-copies the embedding and head
   and trains the copies, which restore never merges, and splits a tied matrix in two. Modules that
   `replace_embeddings` converted are registered; a compact module that was converted but is not registered
   (a copy of one) refuses to run. Copying the whole model (EMA) copies its handle, which registers the copies.
 - A model whose full-vocabulary logits come out U columns wide: its forward reads the compacted matrix directly
   instead of calling the head module.
+
+A global optimizer step pre-hook checks the first two before any weight moves: a loop over the optimizer's
+parameters, an attribute read each, plus a shape check of the (two or three) compact rows' state.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .ops import _kernels, resolve_backend
+from .ops import implementation
 
 __all__ = ["compact_linear_cross_entropy", "frozen_head_linear"]
 
@@ -128,7 +127,7 @@ def compact_linear_cross_entropy(
     Returns:
         scalar fp32 loss; gradients flow to `hidden` and to `weight` ([U, D]) only.
     """
-    impl = _kernels if resolve_backend(backend, hidden.device) == "triton" else reference
+    impl = implementation(backend, hidden.device)
     compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
     flat_targets = targets.reshape(-1)
     if num_items_in_batch is None:

@@ -57,6 +57,12 @@ def _uses_kernels(backend: str, device: torch.device) -> bool:
     return resolve_backend(backend, device) == "triton"
 
 
+def implementation(backend: str, device: torch.device):
+    """The module whose functions run for `backend` on `device`: `pema_triton.kernels` or `pema_triton.reference`
+    (their functions share names and contracts)."""
+    return _kernels if _uses_kernels(backend, device) else reference
+
+
 _custom_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 
 
@@ -208,7 +214,7 @@ def scan_ids(
         IdOutOfRangeError: an id (other than `ignore_index`) outside [0, V); nothing of that chunk is lost
             for the valid ids, which are marked.
     """
-    impl = _kernels if _uses_kernels(backend, byte_map.device) else reference
+    impl = implementation(backend, byte_map.device)
     if impl.mark_ids(ids, byte_map, counts, ignore_index).item():
         raise_for_out_of_range(
             ids, byte_map.numel(), ignore_index=ignore_index,

@@ -9,6 +9,7 @@ Notation: V the original vocabulary size, U the number of used ids, N the number
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zlib
@@ -116,7 +117,7 @@ class Compaction:
     def num_used(self) -> int:
         return self.used_ids.numel()
 
-    @property
+    @functools.cached_property  # every compacted module of a model is marked with it
     def fingerprint(self) -> tuple[int, int, int]:
         """(V, U, CRC-32 of the ids): what optimizer checkpoints record to recognise this compaction."""
         return self.vocab_size, self.num_used, zlib.crc32(self.used_ids.numpy().tobytes())

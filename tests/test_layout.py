@@ -1,5 +1,5 @@
 """The package's shape rules (docs/architecture.md): small files, small functions, and the oracle kept out of
-the production path (only the dispatchers `ops` and `head_ops` import `reference`; no kernel does)."""
+the production path (only `ops`, the dispatcher, imports `reference`; no kernel does)."""
 
 import ast
 from pathlib import Path
@@ -41,6 +41,6 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_dispatchers_import_the_reference():
+def test_only_ops_dispatches_to_the_reference():
     importers = sorted(_relative(p) for p in SOURCES if "reference" in _imported_modules(p))
-    assert importers == ["pema_triton/head_ops.py", "pema_triton/ops.py"]
+    assert importers == ["pema_triton/ops.py"]

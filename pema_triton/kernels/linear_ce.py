@@ -20,6 +20,18 @@ from ._common import INTERPRET
 
 
 @triton.jit
+def _head_tile(weight_ptr, frozen_ptr, b_rows, o_v, m_v, o_d, m_d, D: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """[BLOCK_V, BLOCK_D] rows `o_v` of the head, columns `o_d`, in IN_DTYPE: a trainable row (compact row
+    `b_rows` >= 0) from `weight`, any other from `frozen`; each element is read from exactly one of them."""
+    m_d = m_d[None, :]
+    b_w = tl.load(frozen_ptr + o_v[:, None] * D + o_d[None, :], mask=(m_v & (b_rows < 0))[:, None] & m_d,
+                  other=0.0).to(IN_DTYPE)
+    b_w += tl.load(weight_ptr + b_rows[:, None] * D + o_d[None, :], mask=(m_v & (b_rows >= 0))[:, None] & m_d,
+                   other=0.0).to(IN_DTYPE)
+    return b_w
+
+
+@triton.jit
 def _logit_tile(hidden_ptr, weight_ptr, frozen_ptr, o_n, m_n, b_rows, o_v, m_v, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -28,17 +40,12 @@ def _logit_tile(hidden_ptr, weight_ptr, frozen_ptr, o_n, m_n, b_rows, o_v, m_v, 
     Operands are rounded to IN_DTYPE (the compute dtype) and multiplied as DOT_DTYPE: the same, except under the
     interpreter, whose half-precision dot is wrong, where the rounded values are multiplied in fp32.
     """
-    m_trainable = m_v & (b_rows >= 0)
-    m_frozen = m_v & (b_rows < 0)
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
         b_h = tl.load(hidden_ptr + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_w = tl.load(frozen_ptr + o_v[:, None] * D + o_d[None, :], mask=m_frozen[:, None] & m_d[None, :],
-                      other=0.0).to(IN_DTYPE)
-        b_w += tl.load(weight_ptr + b_rows[:, None] * D + o_d[None, :], mask=m_trainable[:, None] & m_d[None, :],
-                       other=0.0).to(IN_DTYPE)
+        b_w = _head_tile(weight_ptr, frozen_ptr, b_rows, o_v, m_v, o_d, m_d, D, IN_DTYPE)
         b_h = b_h.to(IN_DTYPE).to(DOT_DTYPE)
         acc = tl.dot(b_h, tl.trans(b_w.to(DOT_DTYPE)), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     return acc
@@ -116,10 +123,7 @@ def _backward_kernel(
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
         b_h = tl.load(hidden_ptr + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        m_frozen = (m_v & (b_rows < 0))[:, None] & m_d[None, :]
-        b_w = tl.load(frozen_ptr + o_v[:, None] * D + o_d[None, :], mask=m_frozen, other=0.0).to(IN_DTYPE)
-        b_w += tl.load(weight_ptr + b_rows[:, None] * D + o_d[None, :], mask=m_trainable[:, None] & m_d[None, :],
-                       other=0.0).to(IN_DTYPE)
+        b_w = _head_tile(weight_ptr, frozen_ptr, b_rows, o_v, m_v, o_d, m_d, D, IN_DTYPE)
         b_dh = tl.dot(b_dlogits, b_w.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         tl.atomic_add(grad_hidden_ptr + o_n[:, None] * D + o_d[None, :], b_dh, mask=m_n[:, None] & m_d[None, :],
                       sem="relaxed")
