@@ -124,3 +124,25 @@ def test_cuda_graph_captures_a_training_step_and_the_check_sees_replays():
     graph.replay()
     with pytest.raises(UnusedIdError, match="compiled or graph-captured forward"):
         emb.check_bad_ids()
+
+
+def test_pema_callback_checks_at_log_save_and_end_and_can_skip_step_syncs():
+    pytest.importorskip("transformers")
+    from helpers import tiny_models
+
+    from pema_triton.hf import PemaCallback
+
+    model = tiny_models.build("llama-untied")
+    used, batch = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, check_ids="async")
+    unused = next(i for i in range(tiny_models.V) if i not in set(used.tolist()))
+    callback = PemaCallback(time_steps=False)
+    callback.on_step_begin(None, None, None)
+    callback.on_step_end(None, None, None)
+    assert callback.step_times == []
+    for event in ("on_log", "on_save", "on_train_end"):
+        model(input_ids=torch.tensor([[unused]]))
+        with pytest.raises(UnusedIdError, match=rf"\[{unused}\]"):
+            getattr(callback, event)(None, None, None, model=model)
+    model(input_ids=batch)
+    callback.on_log(None, None, None, model=model)
