@@ -19,6 +19,7 @@ __all__ = [
     "AlreadyCompactedError",
     "NotCompactedError",
     "VocabularySizeError",
+    "SaveDirectoryError",
     "PemaWarning",
 ]
 
@@ -76,6 +77,10 @@ class NotCompactedError(PemaError):
 
 class VocabularySizeError(PemaError):
     """A checkpoint (or tensor) whose vocabulary size differs from the compacted model's V."""
+
+
+class SaveDirectoryError(PemaError, FileExistsError):
+    """`save_trimmed` into a directory that exists and is not empty (pass `overwrite=True` to replace it)."""
 
 
 class PemaWarning(UserWarning):
