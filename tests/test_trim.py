@@ -155,3 +155,121 @@ def test_byte_level_bpe_from_a_compacted_model(tmp_path):
         ids = trimmed(text)["input_ids"]
         assert max(ids) < len(kept) and trimmed.decode(ids) == text
         assert tokenizer.decode(kept[torch.tensor(ids)].tolist()) == text
+
+
+def _head_case(name, vocab_size):
+    """Tiny random models whose heads differ: untied (Llama), a [1, V] final_logits_bias (BART), a decoder bias
+    shared with `cls.predictions.bias` (BERT MLM); the biases are non-zero so an uncut one shows up."""
+    T = transformers
+    kw = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    torch.manual_seed(0)
+    if name == "llama-untied":
+        return T.LlamaForCausalLM(T.LlamaConfig(**kw, num_key_value_heads=2, tie_word_embeddings=False,
+                                                bos_token_id=50256, eos_token_id=50256)).eval()
+    if name == "bart-logits-bias":
+        model = T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37)).eval()
+        model.final_logits_bias.normal_()
+        return model
+    model = T.BertForMaskedLM(T.BertConfig(**kw)).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()
+    return model
+
+
+# BART's config names ids 0-2 as bos/pad/eos, which the BBC text never uses: save_trimmed keeps them anyway.
+@pytest.mark.filterwarnings("ignore:used_ids lack special tokens")
+@pytest.mark.parametrize("compact", [False, True], ids=["plain", "compacted"])
+def test_untied_and_biased_heads_keep_their_rows(tmp_path, compact):
+    texts, _ = bbc_news(6)
+    cases = {"llama-untied": gpt2_tokenizer(), "bart-logits-bias": gpt2_tokenizer(),
+             "bert-mlm": transformers.AutoTokenizer.from_pretrained(minilm_dir())}
+    entries, expected = [], {}
+    for name, tokenizer in cases.items():
+        model, rows = _head_case(name, len(tokenizer)), encode(tokenizer, texts, max_length=48)
+        used = used_of(tokenizer, rows)
+        if compact:
+            pt.replace_embeddings(model, used, tokenizer=tokenizer)
+            kept = pt.save_trimmed(model, tokenizer, tmp_path / name)
+            pt.restore_embeddings(model)
+        else:
+            kept = pt.save_trimmed(model, tokenizer, tmp_path / name, used_ids=used)
+        expected[name] = (kept, rows, [out[:, kept] for out in outputs_of(model, rows)])
+        entries.append({"dir": str(tmp_path / name), "auto_class": "AutoModelForMaskedLM" if name == "bert-mlm"
+                        else "AutoModelForSeq2SeqLM" if name.startswith("bart") else "AutoModelForCausalLM",
+                        "texts": texts, "max_length": 48})
+    for entry, result in zip(entries, load_isolated(tmp_path, entries)):
+        kept, rows, refs = expected[Path(entry["dir"]).name]
+        assert result["vocab_size"] == len(kept)
+        assert_same_tokens(kept, rows, result["ids"])
+        for ref, tri in zip(refs, result["outputs"]):
+            torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+
+
+def _word_level_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1, "news": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+def test_unsupported_tokenizer_is_refused_and_nothing_is_written(tmp_path):
+    model = _head_case("bert-mlm", 3)
+    with pytest.raises(pt.UnsupportedModuleError, match="WordLevel"):
+        pt.save_trimmed(model, _word_level_tokenizer(), tmp_path / "out", used_ids=[1, 2])
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_non_empty_directory_is_refused_unless_overwrite(tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    model = _head_case("bert-mlm", len(tokenizer))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    used = used_of(tokenizer, encode(tokenizer, ["the news today"]))
+    with pytest.raises(pt.SaveDirectoryError, match="overwrite=True"):
+        pt.save_trimmed(model, tokenizer, target, used_ids=used)
+    assert _leftovers(target) == ["keep.txt"] and _leftovers(tmp_path) == ["out"]
+    kept = pt.save_trimmed(model, tokenizer, target, used_ids=used, overwrite=True)
+    assert "keep.txt" not in _leftovers(target) and _leftovers(tmp_path) == ["out"]
+    assert transformers.AutoConfig.from_pretrained(target).vocab_size == len(kept)
+
+
+def test_a_failure_part_way_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    import pema_triton.trim as trim
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    model = _head_case("bert-mlm", len(tokenizer))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trim, "write_trimmed_tokenizer", broken)  # after the model's weights are written
+    with pytest.raises(OSError, match="disk full"):
+        pt.save_trimmed(model, tokenizer, target, used_ids=[0, 100, 101, 102], overwrite=True)
+    assert _leftovers(target) == ["keep.txt"] and _leftovers(tmp_path) == ["out"]
+
+
+def test_bad_used_ids_and_mismatched_tokenizer_are_refused(tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    model = _head_case("bert-mlm", len(tokenizer))
+    with pytest.raises(pt.UsedIdsError, match="used_ids="):
+        pt.save_trimmed(model, tokenizer, tmp_path / "a")
+    with pytest.raises(pt.UsedIdsError):
+        pt.save_trimmed(model, tokenizer, tmp_path / "a", used_ids=[5, 3])
+    pt.replace_embeddings(model, [0, 100, 101, 102, 103, 2000])
+    with pytest.raises(pt.UsedIdsError, match="compacted"):
+        pt.save_trimmed(model, tokenizer, tmp_path / "a", used_ids=[0, 100, 101, 102, 103])
+    small = _head_case("bert-mlm", 97)  # the MiniLM tokenizer's special and character ids reach past 97 rows
+    with pytest.raises(pt.VocabularySizeError, match="tokenizer"):
+        pt.save_trimmed(small, tokenizer, tmp_path / "a", used_ids=[0, 5])
+    assert _leftovers(tmp_path) == []
