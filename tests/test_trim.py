@@ -273,3 +273,48 @@ def test_bad_used_ids_and_mismatched_tokenizer_are_refused(tmp_path):
     with pytest.raises(pt.VocabularySizeError, match="tokenizer"):
         pt.save_trimmed(small, tokenizer, tmp_path / "a", used_ids=[0, 5])
     assert _leftovers(tmp_path) == []
+
+
+def _unigram_tokenizer(texts, byte_fallback: bool):
+    """A SentencePiece Unigram tokenizer trained on real BBC text (no T5 / XLM-R tokenizer installs offline);
+    with `byte_fallback`, the 256 `<0xNN>` pieces as Llama 2 / T5-v1.1-style byte fallback adds them."""
+    from tokenizers import SentencePieceUnigramTokenizer, Tokenizer
+
+    trained = SentencePieceUnigramTokenizer()
+    trained.train_from_iterator(texts, vocab_size=2000, special_tokens=["<pad>", "</s>", "<unk>"],
+                                unk_token="<unk>", show_progress=False)
+    data = json.loads(trained._tokenizer.to_str())
+    if byte_fallback:
+        data["model"]["byte_fallback"] = True
+        data["model"]["vocab"] += [[f"<0x{b:02X}>", -30.0] for b in range(256)]
+        data["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, data["decoder"]]}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+                                                unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True], ids=["char-fallback", "byte-fallback"])
+def test_unigram_keeps_the_used_pieces_and_the_fallback(tmp_path, byte_fallback):
+    texts, _ = bbc_news(240)
+    tokenizer = _unigram_tokenizer(texts[:200], byte_fallback)
+    train, held_out = texts[200:220], texts[220:] + OTHER_SCRIPTS
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0)).eval()
+    rows = encode(tokenizer, train)
+    kept = pt.save_trimmed(model, tokenizer, tmp_path / "t", used_ids=used_of(tokenizer, rows))
+    parsed = TokenizerJson(tokenizer)
+    fallback = {f"<0x{b:02X}>" for b in range(256)} if byte_fallback else {t for t in parsed.token_to_id if len(t) == 1}
+    assert {parsed.token_to_id[t] for t in fallback} <= set(kept.tolist())
+
+    [result] = load_isolated(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForSeq2SeqLM",
+                                        "texts": train}])
+    assert result["vocab_size"] == len(kept) < len(tokenizer)
+    assert_same_tokens(kept, rows, result["ids"])
+    for ref, tri in zip(outputs_of(model, rows), result["outputs"]):
+        torch.testing.assert_close(tri, ref[:, kept], atol=1e-5, rtol=1e-5)
+    trimmed = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    for text in held_out:  # unseen text: other pieces, but no more unknowns and the same text back
+        old, new = tokenizer(text)["input_ids"], trimmed(text)["input_ids"]
+        assert new.count(trimmed.unk_token_id) == old.count(tokenizer.unk_token_id)
+        assert trimmed.decode(new) == tokenizer.decode(old)
