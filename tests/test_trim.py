@@ -12,7 +12,7 @@ import torch
 import pema_triton as pt
 from pema_triton.tokenizer_trim import TokenizerJson
 
-from helpers.real_assets import assets, bbc_news, minilm_dir
+from helpers.real_assets import assets, bbc_news, minilm_dir, smollm2
 
 transformers = pytest.importorskip("transformers")
 
@@ -318,3 +318,22 @@ def test_unigram_keeps_the_used_pieces_and_the_fallback(tmp_path, byte_fallback)
         old, new = tokenizer(text)["input_ids"], trimmed(text)["input_ids"]
         assert new.count(trimmed.unk_token_id) == old.count(tokenizer.unk_token_id)
         assert trimmed.decode(new) == tokenizer.decode(old)
+
+
+@pytest.mark.slow
+def test_smollm2_compacted_trims_to_its_text_and_generates_the_same(tmp_path):
+    tokenizer, model = smollm2()  # ~25 s: the real 135M Llama, tied, byte-level BPE with V=49,152
+    texts, _ = bbc_news(8)
+    rows = encode(tokenizer, texts)
+    pt.replace_embeddings(model, used_of(tokenizer, rows), tokenizer=tokenizer)
+    kept = pt.save_trimmed(model, tokenizer, tmp_path / "t")
+    pt.restore_embeddings(model)
+    [result] = load_isolated(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForCausalLM",
+                                        "texts": texts[:3], "generate": 10}])
+    assert result["vocab_size"] == len(kept) < model.config.vocab_size // 10
+    assert_same_tokens(kept, rows[:3], result["ids"])
+    for ref, tri in zip(outputs_of(model, rows[:3]), result["outputs"]):
+        torch.testing.assert_close(tri, ref[:, kept], atol=1e-4, rtol=1e-4)
+    ref_gen = model.generate(torch.tensor([rows[0][:8]]), max_new_tokens=10, do_sample=False,
+                             logits_processor=[KeepOnly(kept, model.config.vocab_size)])[0]
+    assert kept[torch.tensor(result["generated"])].tolist() == ref_gen.tolist()
