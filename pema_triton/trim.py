@@ -131,13 +131,26 @@ def _config_special_ids(model: nn.Module, vocab_size: int) -> list[int]:
     return sorted(ids)
 
 
+# Generation-config lists of token ids (flat, or of sequences) that name tokens by id.
+_ID_LISTS, _ID_SEQUENCES = ("suppress_tokens", "begin_suppress_tokens"), ("bad_words_ids",)
+
+
 def _remap_special_ids(config, new_id: dict[int, int]) -> None:
-    """Renumbers a config's `*_token_id` entries; an id outside the old vocabulary becomes None."""
+    """Renumbers a config's `*_token_id` entries (an id not kept becomes None) and its lists of token ids (a dropped
+    id, or a sequence holding one, is left out: no text can produce it any more)."""
     for name, value in _special_id_attrs(config).items():
         if isinstance(value, list):
-            setattr(config, name, [new_id.get(i) for i in value if new_id.get(i) is not None])
+            setattr(config, name, [new_id[i] for i in value if i in new_id])
         elif isinstance(value, int):
             setattr(config, name, new_id.get(value))
+    for name in _ID_LISTS:
+        if isinstance(getattr(config, name, None), list):
+            setattr(config, name, [new_id[i] for i in getattr(config, name) if i in new_id])
+    for name in _ID_SEQUENCES:
+        if isinstance(getattr(config, name, None), list):
+            kept = [[new_id[i] for i in seq] for seq in getattr(config, name)
+                    if all(isinstance(i, int) and i in new_id for i in seq)]
+            setattr(config, name, kept or None)
 
 
 def _vocabulary_keys(model: nn.Module, state: dict, vocab_size: int) -> tuple[set[str], set[str]]:

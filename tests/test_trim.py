@@ -207,6 +207,22 @@ def test_untied_and_biased_heads_keep_their_rows(tmp_path, compact):
             torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_configs_special_and_listed_ids_are_renumbered(tmp_path):
+    tokenizer = gpt2_tokenizer()
+    model = _head_case("llama-untied", len(tokenizer))
+    model.generation_config.suppress_tokens = [464, 50000]  # "The" kept (used), 50000 dropped
+    model.generation_config.bad_words_ids = [[464, 3290], [50000]]
+    model.config.pad_token_id = 50256
+    used = used_of(tokenizer, encode(tokenizer, ["The news dog"]))
+    kept = pt.save_trimmed(model, tokenizer, tmp_path / "t", used_ids=used).tolist()
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "t")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "t")
+    assert 50000 not in kept and {464, 3290} <= set(kept)
+    assert kept[config.pad_token_id] == 50256 and kept[generation.eos_token_id] == 50256
+    assert generation.suppress_tokens == [kept.index(464)]
+    assert generation.bad_words_ids == [[kept.index(464), kept.index(3290)]]
+
+
 def _word_level_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -337,3 +353,7 @@ def test_smollm2_compacted_trims_to_its_text_and_generates_the_same(tmp_path):
     ref_gen = model.generate(torch.tensor([rows[0][:8]]), max_new_tokens=10, do_sample=False,
                              logits_processor=[KeepOnly(kept, model.config.vocab_size)])[0]
     assert kept[torch.tensor(result["generated"])].tolist() == ref_gen.tolist()
+    trimmed = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    for text in OTHER_SCRIPTS:
+        ids = trimmed(text)["input_ids"]
+        assert max(ids) < len(kept) and trimmed.decode(ids) == text
