@@ -71,7 +71,7 @@ def assert_same_tokens(kept, original_rows, trimmed_rows):
 
 
 def test_minilm_wordpiece_reloads_with_the_same_tokens_and_hidden_states(tmp_path):
-    texts, _ = bbc_news(30)
+    texts, _ = bbc_news(16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     model = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
     rows = encode(tokenizer, texts, max_length=128)
