@@ -1,6 +1,6 @@
 """Runs every benchmark that fits this machine and writes results under bench/results/.
 
-    python bench/run.py            # kernels (pytest-benchmark), memory, head + loss, vocabulary usage
+    python bench/run.py            # kernels (pytest-benchmark), memory, head + loss, vocabulary usage, trim
     python bench/run.py --only kernels
 
 Kernel results: the raw pytest-benchmark JSON, and a markdown table with, per case, each provider's median time,
@@ -144,10 +144,10 @@ def plot_kernels(rows, tag):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["kernels", "memory", "loss", "vocab"], action="append")
+    p.add_argument("--only", choices=["kernels", "memory", "loss", "vocab", "trim"], action="append")
     p.add_argument("pytest_args", nargs="*", help="extra pytest-benchmark arguments for the kernel benchmarks")
     args = p.parse_args(argv)
-    only = set(args.only or ["kernels", "memory", "loss", "vocab"])
+    only = set(args.only or ["kernels", "memory", "loss", "vocab", "trim"])
     RESULTS.mkdir(exist_ok=True)
     tag = device_tag()
     if "kernels" in only:
@@ -158,6 +158,8 @@ def main(argv=None):
         subprocess.run([sys.executable, str(BENCH / "loss.py")], check=True)
     if "vocab" in only:
         subprocess.run([sys.executable, str(BENCH / "vocab_usage.py")], check=True)
+    if "trim" in only:
+        subprocess.run([sys.executable, str(BENCH / "trim.py")], check=True)
 
 
 if __name__ == "__main__":

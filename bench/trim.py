@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,15 +65,23 @@ def corpora(limit: int | None = None) -> dict[str, list[str]]:
     return {f"BBC News ({len(bbc[:limit]):,} articles)": bbc[:limit], f"tweets ({len(tweets[:limit]):,})": tweets[:limit]}
 
 
+def _untruncated(tokenizer_json: str):
+    """A `tokenizers.Tokenizer` from `tokenizer_json` that encodes whole texts (MiniLM's truncates at 128 tokens)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 def _encode(backend, texts) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch(texts)]
 
 
 def same_share(tokenizer, kept: list[int], texts, original) -> float:
     """Share of `texts` whose tokens under the tokenizer trimmed to `kept` map back (through kept) to `original`."""
-    from tokenizers import Tokenizer
-
-    trimmed = Tokenizer.from_str(json.dumps(trimmed_json(TokenizerJson(tokenizer), kept)))
+    trimmed = _untruncated(json.dumps(trimmed_json(TokenizerJson(tokenizer), kept)))
     back = torch.tensor(kept)
     same = sum(back[torch.tensor(new, dtype=torch.long)].tolist() == old
                for new, old in zip(_encode(trimmed, texts), original))
@@ -83,7 +92,7 @@ def tokenizer_rows(texts_by_corpus) -> list[dict]:
     rows = []
     for name in TOKENIZERS:
         tokenizer = assets.load_tokenizer(name)
-        backend = tokenizer.backend_tokenizer
+        backend = _untruncated(tokenizer.backend_tokenizer.to_str())
         for corpus, texts in texts_by_corpus.items():
             start = time.perf_counter()
             original = _encode(backend, texts)
@@ -132,7 +141,7 @@ def model_rows(texts_by_corpus, root: Path) -> list[dict]:
         save_trimmed(model, tokenizer, full, used_ids=torch.arange(vocab))  # K = V: the full model, same writer
         full_rss, full_s = _load_cost(full, auto_class)
         for corpus, texts in texts_by_corpus.items():
-            used = sorted({i for e in tokenizer.backend_tokenizer.encode_batch(texts) for i in e.ids}
+            used = sorted({i for row in _encode(_untruncated(tokenizer.backend_tokenizer.to_str()), texts) for i in row}
                           | set(special_token_ids(tokenizer)))
             folder = root / f"{name}-{corpus.split()[0]}"
             kept = save_trimmed(model, tokenizer, folder, used_ids=used)
@@ -151,7 +160,7 @@ def vocabtrimmer_status() -> str:
     if out.returncode == 0:
         return "imports"
     last = (out.stderr.strip().splitlines() or ["?"])[-1]
-    return f"`import vocabtrimmer` fails: {last}"
+    return f"`import vocabtrimmer` fails: {re.sub(r' [(]/[^)]*[)]', '', last)}"  # without this machine's paths
 
 
 def _pct(x: float) -> str:
