@@ -55,6 +55,7 @@ def save_trimmed(model: nn.Module, tokenizer, save_directory, *, used_ids=None, 
         UnsupportedModuleError: a tokenizer it cannot trim, or a model without an input embedding.
         SaveDirectoryError: `save_directory` is not empty and `overwrite` is False.
         UsedIdsError: `used_ids` missing for a plain model, or given for a compacted one.
+        VocabularySizeError: the tokenizer's special or fallback ids reach past the model's vocabulary.
 
     Example:
         >>> kept = save_trimmed(model, tokenizer, "deploy/")                      # doctest: +SKIP
