@@ -72,6 +72,7 @@ def save_trimmed(model: nn.Module, tokenizer, save_directory, *, used_ids=None, 
             f"the tokenizer keeps ids up to {kept[-1]} (its special or fallback tokens), but the model's vocabulary "
             f"is [0, {vocab_size}); is this the model's tokenizer?")
     kept = torch.tensor(kept, dtype=torch.int64)
+    created = [p for p in target.parents if not p.exists()]  # removed again on failure, deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.trim-", dir=target.parent))
     try:
@@ -81,6 +82,11 @@ def save_trimmed(model: nn.Module, tokenizer, save_directory, *, used_ids=None, 
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()  # only if still empty: something else may have written there meanwhile
+            except OSError:
+                break
         raise
     logger.info("saved %s trimmed to %d of %d token ids in %s", type(model).__name__, len(kept), vocab_size, target)
     return kept

@@ -76,7 +76,9 @@ def test_minilm_wordpiece_reloads_with_the_same_tokens_and_hidden_states(tmp_pat
     model = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
     rows = encode(tokenizer, texts, max_length=128)
     used = used_of(tokenizer, rows)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     kept = pt.save_trimmed(model, tokenizer, tmp_path / "trimmed", used_ids=used)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is unchanged
     model.save_pretrained(tmp_path / "full")
 
     assert torch.equal(kept, torch.unique(kept)) and set(used.tolist()) <= set(kept.tolist())
@@ -273,6 +275,9 @@ def test_a_failure_part_way_leaves_the_directory_as_it_was(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         pt.save_trimmed(model, tokenizer, target, used_ids=[0, 100, 101, 102], overwrite=True)
     assert _leftovers(target) == ["keep.txt"] and _leftovers(tmp_path) == ["out"]
+    with pytest.raises(OSError, match="disk full"):  # parent folders it had to create go too
+        pt.save_trimmed(model, tokenizer, tmp_path / "new" / "deeper" / "out", used_ids=[0, 100, 101, 102])
+    assert _leftovers(tmp_path) == ["out"]
 
 
 def test_bad_used_ids_and_mismatched_tokenizer_are_refused(tmp_path):
