@@ -62,7 +62,8 @@ print(rss("VmHWM") - start, seconds)
 def corpora(limit: int | None = None) -> dict[str, list[str]]:
     (bbc, _), _, _ = assets.load_bbc_news(2225, 0)
     tweets = assets.load_tweets()
-    return {f"BBC News ({len(bbc[:limit]):,} articles)": bbc[:limit], f"tweets ({len(tweets[:limit]):,})": tweets[:limit]}
+    bbc, tweets = bbc[:limit], tweets[:limit]
+    return {f"BBC News ({len(bbc):,} articles)": bbc, f"tweets ({len(tweets):,})": tweets}
 
 
 def _untruncated(tokenizer_json: str):
@@ -192,8 +193,9 @@ def markdown(tok_rows, mod_rows, status: str) -> str:
                      f"{r['load_s_full']:.2f} -> {r['load_s_trimmed']:.2f} s |")
     lines += ["", "Files: the directory `save_trimmed` writes (fp32 safetensors, config, tokenizer); \"full\" is the "
               "same writer with every id kept. Peak RSS: what `from_pretrained(dir, dtype=float32)` and reading every "
-              "weight once add in a fresh process (Linux VmHWM, reset after the imports; safetensors are memory-mapped, "
-              "so without the read little of the weights is resident). vocabtrimmer has no causal-LM or plain-encoder model "
+              "weight once add in a fresh process (Linux VmHWM, reset after the imports; safetensors are "
+              "memory-mapped, so without the read little of the weights is resident). vocabtrimmer has no causal-LM "
+              "or plain-encoder model "
               "class (it takes *ForMaskedLM / *ForSequenceClassification / *ForTokenClassification, mT5, mBART), so "
               "it has no model row even where it imports."]
     return "\n".join(lines) + "\n"

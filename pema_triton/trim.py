@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["save_trimmed"]
 
 
-def save_trimmed(model: nn.Module, tokenizer, save_directory, *, used_ids=None, overwrite: bool = False) -> torch.Tensor:
+def save_trimmed(
+    model: nn.Module, tokenizer, save_directory, *, used_ids=None, overwrite: bool = False
+) -> torch.Tensor:
     """Writes `model` and `tokenizer`, trimmed to the used token ids, as a Hugging Face model directory.
 
     The kept ids are the used ids, the special ids of the tokenizer and the model's configs, and what the tokenizer
@@ -214,13 +216,15 @@ def _trimmed_model(model: nn.Module, vocab_size: int, kept: torch.Tensor) -> nn.
         raise UnsupportedModuleError(
             f"{type(model).__name__} has vocabulary-sized tensors save_trimmed does not know how to cut: {err}"
         ) from None
-    if getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings", False):
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False):
         trimmed.tie_weights()
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(trimmed, "generation_config", None) is not None:
         trimmed.generation_config = copy.deepcopy(generation)
         _remap_special_ids(trimmed.generation_config, new_id)
-    if trimmed.get_input_embeddings().weight.shape[0] != len(kept):
-        raise PemaError(f"{type(model).__name__}'s input embedding has {trimmed.get_input_embeddings().weight.shape[0]} "
-                        f"rows after setting config.vocab_size = {len(kept)}; its vocabulary size lives elsewhere")
+    rows = trimmed.get_input_embeddings().weight.shape[0]
+    if rows != len(kept):
+        raise PemaError(f"{type(model).__name__}'s input embedding has {rows} rows after setting config.vocab_size = "
+                        f"{len(kept)}; its vocabulary size lives elsewhere")
     return trimmed.eval()
