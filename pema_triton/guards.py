@@ -13,6 +13,10 @@
   (a copy of one) refuses to run. Copying the whole model (EMA) copies its handle, which registers the copies.
 - A model whose full-vocabulary logits come out U columns wide: its forward reads the compacted matrix directly
   instead of calling the head module.
+- Changing a compacted model's vocabulary or embedding modules: `resize_token_embeddings` would resize the
+  compact [U, D] matrix as if it were the full [V, D] one (and set `config.vocab_size` from U), and
+  `set_input_embeddings` / `set_output_embeddings` would put in a module that restore never merges into; the
+  trained rows could no longer be merged back. Each refuses while the model is compacted.
 
 A global optimizer step pre-hook checks the first two before any weight moves: a loop over the optimizer's
 parameters, an attribute read each, plus a shape check of the (two or three) compact rows' state.
@@ -25,12 +29,15 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .errors import PemaError
+from .errors import AlreadyCompactedError, PemaError
 
 __all__ = [
-    "check_full_vocabulary_logits", "check_managed", "mark_compacted", "mark_stale", "register_managed",
-    "release_managed", "unmark_stale",
+    "check_full_vocabulary_logits", "check_managed", "mark_compacted", "mark_stale", "refuse_vocabulary_changes",
+    "register_managed", "release_managed", "unmark_stale",
 ]
+
+# Methods of a Hugging Face model that change its vocabulary or swap its embedding modules.
+_VOCABULARY_CHANGES = ("resize_token_embeddings", "set_input_embeddings", "set_output_embeddings")
 
 _STALE = "_pema_stale"  # attribute on a Parameter that must not be stepped: why, as the error message
 _COMPACTION = "_pema_compaction"  # attribute on a compact Parameter: its compaction's fingerprint
@@ -152,3 +159,25 @@ def check_full_vocabulary_logits(handle, model, args, output) -> None:
         f"embedding or head module. Compute the logits with the model's output embedding module, or use "
         f"output='restricted' if U columns are what you want"
     )
+
+
+class _RefusedWhileCompacted:
+    """`model.<name>` while the model is compacted: raises instead of changing the vocabulary or the modules."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise AlreadyCompactedError(
+            f"{self.name}() on a compacted model would change the [U, D] compact matrices or the modules that "
+            f"restore_embeddings merges the trained rows back from, and lose them. Call restore_embeddings(model) "
+            f"first (the trained rows merge into the full matrices), then {self.name}(), then scan and "
+            f"replace_embeddings again"
+        )
+
+
+def refuse_vocabulary_changes(handle) -> None:
+    """Makes each vocabulary-changing method of the model raise until restore (an instance attribute undo removes)."""
+    for name in _VOCABULARY_CHANGES:
+        if callable(getattr(handle.model, name, None)):
+            handle.patch(handle.model, name, _RefusedWhileCompacted(name))

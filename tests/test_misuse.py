@@ -418,3 +418,31 @@ def test_peft_lora_with_compacted_embeddings_trains_them():
     unused[used] = False
     assert torch.equal(trained[unused], before["model.embed_tokens.weight"][unused])
     assert not torch.equal(trained[used], before["model.embed_tokens.weight"][used])
+
+
+# -- changing the vocabulary or the embedding modules while compacted -------------------------------------------
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2"])
+def test_vocabulary_changes_are_refused_while_compacted_and_allowed_after_restore(name):
+    """`resize_token_embeddings` used to resize the [U, D] matrix as if it were [V, D] (and set vocab_size from U),
+    after which restore failed with an IndexError; swapping an embedding module left the trained rows in a module
+    restore merges from but the model no longer holds."""
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.5)  # "trained" rows
+    trained = _snapshot(model)
+
+    calls = [("resize_token_embeddings", (tiny_models.V + 8,)),
+             ("set_input_embeddings", (torch.nn.Embedding(tiny_models.V, 32),)),
+             ("set_output_embeddings", (torch.nn.Linear(32, tiny_models.V, bias=False),))]
+    for method, args in calls:
+        with pytest.raises(PemaError, match=rf"{method}\(\) on a compacted model .* restore_embeddings\(model\) first"):
+            getattr(model, method)(*args)
+    _assert_state(model, trained)
+    assert model.config.vocab_size == tiny_models.V
+
+    restore_embeddings(model)
+    _assert_state(model, trained)  # every trained row merged back
+    model.resize_token_embeddings(tiny_models.V + 8)  # the model's own method again
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == tiny_models.V + 8
