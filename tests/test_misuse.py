@@ -446,3 +446,50 @@ def test_vocabulary_changes_are_refused_while_compacted_and_allowed_after_restor
     _assert_state(model, trained)  # every trained row merged back
     model.resize_token_embeddings(tiny_models.V + 8)  # the model's own method again
     assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == tiny_models.V + 8
+
+
+# -- pickling the whole model ------------------------------------------------------------------------------------
+_LOAD_RESTORE_SAVE = """
+import sys, torch
+from pema_triton import get_handle, restore_embeddings
+model = torch.load(sys.argv[1], weights_only=False)
+assert get_handle(model) is not None
+logits = model(**torch.load(sys.argv[2])).logits
+restore_embeddings(model)
+torch.save({"logits": logits, "state": model.state_dict()}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("name, output, fresh_process", [("gpt2", "frozen", False),
+                                                         ("gemma-scaled-embedding", "restricted", False),
+                                                         ("bart-logits-bias", "frozen", True)])
+def test_torch_save_of_a_compacted_model_loads_and_restores(name, output, fresh_process, tmp_path):
+    """`torch.save(model)` used to fail ("Can't pickle local object", "cannot pickle code objects"). Gemma's and
+    BART's embeddings are subclasses compacted in place, whose compact class exists in no module: a fresh process
+    must make it again to load one."""
+    import subprocess
+    import sys
+
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, output=output)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.5)  # "trained" rows
+    batch = {"input_ids": ids} | ({"decoder_input_ids": ids} if name.startswith("bart") else {})
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(batch, tmp_path / "batch.pt")
+    files = [str(tmp_path / f) for f in ("model.pt", "batch.pt", "out.pt")]
+    if fresh_process:
+        result = subprocess.run([sys.executable, "-c", _LOAD_RESTORE_SAVE, *files], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        copy_ = torch.load(files[0], weights_only=False)
+        logits = copy_(**batch).logits
+        restore_embeddings(copy_)
+        torch.save({"logits": logits, "state": copy_.state_dict()}, files[2])
+
+    loaded = torch.load(tmp_path / "out.pt")
+    assert torch.equal(loaded["logits"], model(**batch).logits)
+    restore_embeddings(model)
+    _assert_state(model, loaded["state"])  # the loaded copy merged the same trained rows back
