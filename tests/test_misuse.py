@@ -441,6 +441,10 @@ def test_vocabulary_changes_are_refused_while_compacted_and_allowed_after_restor
             getattr(model, method)(*args)
     _assert_state(model, trained)
     assert model.config.vocab_size == tiny_models.V
+    logits = model(input_ids=ids).logits
+    model.tie_weights()  # transformers calls it itself (loading, resizing): a compacted model keeps what it has
+    assert torch.equal(model(input_ids=ids).logits, logits)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (name == "gpt2")
 
     restore_embeddings(model)
     _assert_state(model, trained)  # every trained row merged back
