@@ -42,7 +42,8 @@ def grid() -> list[tuple]:
 
 def case_name(V, source, N, dtype) -> str:
     src = "zipf" if source == "zipf" else "bbc-" + source.split()[0]
-    return f"V{V}-{src}-N{N:.0e}-{str(dtype).split('.')[-1]}".replace("e+0", "e")
+    count = f"1e{len(str(N)) - 1}" if N >= 10**6 and str(N).strip("0") == "1" else str(N)  # N1e8, N1048576
+    return f"V{V}-{src}-N{count}-{str(dtype).split('.')[-1]}"
 
 
 def run(budget: Budget, rounds: int) -> list[dict]:
