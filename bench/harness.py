@@ -96,7 +96,10 @@ def environment() -> dict:
 
     env = {"device": device_name(), "dry_run": dry_run(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "pema_triton": pema_triton.__version__, "python": platform.python_version(),
-           "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1", "datasheet_gbps": datasheet_gbps()}
+           "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1", "datasheet_gbps": datasheet_gbps(),
+           # On a shared CPU the threads torch uses and the load beside it decide its times (another process on
+           # one of 2 cores made 2-thread torch.bincount 5x slower than 1-thread here): both are recorded.
+           "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2)}
     try:
         import triton
 
@@ -202,7 +205,10 @@ def write(out: Path, stem: str, rows: list[dict], copy: dict, notes: list[str]) 
              "", f"Copy bandwidth measured in this run: {copy['copy_gbps_median']:,.0f} GB/s median, "
              f"{copy['copy_gbps_worst']:,.0f} GB/s worst ({copy['copy_bytes'] / 1e9:.2f} GB read + written){peak}. "
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env['driver']}, "
-             f"commit {env['git_commit']}.", "", *table(rows, copy), "", *[f"- {n}" for n in notes]]
+             f"commit {env['git_commit']}."
+             + ("" if ON_GPU else f" torch threads {env['torch_threads']}, load average {env['load_average_1min']} "
+                                  "when the run started."),
+             "", *table(rows, copy), "", *[f"- {n}" for n in notes]]
     path = out / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
