@@ -4,8 +4,8 @@ Parts (each one command of at most 8 minutes on an H100; a part stops adding cas
 and lists the cases it skipped):
     tests    the kernel test files on CUDA (tests/test_lookup.py, test_scan.py, test_linear_ce.py,
              test_modules.py), then the other tests marked `gpu`
-    kernels  lookup and backward (bench/kernels.py)
-    scan     the vocabulary scan at 10^8 ids (bench/scan.py)
+    kernels  lookup and backward (bench/kernel_cases.py)
+    scan     the vocabulary scan at 10^8 ids (bench/scan_cases.py)
     head     the LM head + loss (bench/loss.py, GPU shapes)
     memory   one training step's memory (bench/memory.py)
     all      every part in turn (longer than one 10-minute command: for a machine of your own)
@@ -92,15 +92,15 @@ def _timed_part(name: str, module: str, out: Path, budget, dry: bool, notes: lis
 
 
 def part_kernels(out: Path, budget, dry: bool, stem: str | None = None) -> bool:
-    return _timed_part("kernels", "kernels", out, budget, dry, stem=stem, notes=[
-        "Byte floor (bench/kernels.py): lookup = ids + output + each distinct row once; backward = grad + ids + "
+    return _timed_part("kernels", "kernel_cases", out, budget, dry, stem=stem, notes=[
+        "Byte floor (bench/kernel_cases.py): lookup = ids + output + each distinct row once; backward = grad + ids + "
         "the [U, D] gradient. GB/s = floor / time; % of copy = that / the copy bandwidth above.",
         "Times: triton.testing.do_bench on CUDA (events, L2 flushed before each call), median and worst round."])
 
 
 def part_scan(out: Path, budget, dry: bool, stem: str | None = None) -> bool:
-    return _timed_part("scan", "scan", out, budget, dry, stem=stem, notes=[
-        "Byte floor (bench/scan.py): ids read + sorted used ids written. Every provider but pema-map-only "
+    return _timed_part("scan", "scan_cases", out, budget, dry, stem=stem, notes=[
+        "Byte floor (bench/scan_cases.py): ids read + sorted used ids written. Every provider but pema-map-only "
         "returns the sorted used ids, as torch.unique does."])
 
 

@@ -3,7 +3,7 @@
     python bench/run.py            # kernels and scan, memory, head + loss, vocabulary usage
     python bench/run.py --only kernels
 
-Kernels and scan (bench/kernels.py, bench/scan.py, timed by bench/harness.py): raw JSON and a markdown table with,
+Kernels and scan (bench/kernel_cases.py, bench/scan_cases.py, timed by bench/harness.py): raw JSON and a markdown table with,
 per case, each provider's median and worst time, its speed-up over the baseline measured in the same run, and the
 GB/s of the case's byte floor next to a copy bandwidth measured in the same run. Each provider's result is checked
 against the reference before it is timed; a failing case is a row marked FAILED, and the table is still written.
