@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     failed = []
     for part in PARTS if args.part == "all" else [args.part]:
         start = time.monotonic()
-        budget = harness.Budget(args.budget or (20 if args.dry_run else BUDGET_S[part]))
+        budget = harness.Budget(args.budget or (60 if args.dry_run else BUDGET_S[part]))
         print(f"== {part} (budget {budget.seconds:.0f} s) -> {out}", flush=True)
         ok = globals()[f"part_{part}"](out, budget, args.dry_run)
         print(f"== {part}: {'done' if ok else 'FAILED'} in {time.monotonic() - start:.0f} s", flush=True)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH.parent))  # a bare GPU image runs this without pema_triton installed
 ON_GPU = torch.cuda.is_available()
 DRY_RUN = os.environ.get("PEMA_GPU_DRY_RUN") == "1"
 # (name, tokenizer key for U, V, D, token counts). The CPU runs the PyTorch reference on the smallest real shape.

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+# The repository root too: a bare GPU image runs this without pema_triton installed.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "examples")]
 import assets  # noqa: E402
 
 from pema_triton import replace_embeddings, scan_vocabulary, special_token_ids  # noqa: E402
