@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     failed = []
     for part in PARTS if args.part == "all" else [args.part]:
         start = time.monotonic()
-        budget = harness.Budget(args.budget or (60 if args.dry_run else BUDGET_S[part]))
+        budget = harness.Budget(args.budget if args.budget is not None else (60 if args.dry_run else BUDGET_S[part]))
         print(f"== {part} (budget {budget.seconds:.0f} s) -> {out}", flush=True)
         ok = globals()[f"part_{part}"](out, budget, args.dry_run)
         print(f"== {part}: {'done' if ok else 'FAILED'} in {time.monotonic() - start:.0f} s", flush=True)
@@ -81,10 +81,12 @@ def _timed_part(name: str, module: str, out: Path, budget, dry: bool, notes: lis
     import harness
 
     copy = _copy(dry)
-    rows = __import__(module).run(budget, rounds=2 if dry else 5)
-    for op in sorted({r["op"] for r in rows}):
-        harness.speedups([r for r in rows if r["op"] == op],
-                         next(r["provider"] for r in rows if r["op"] == op and r.get("is_baseline")))
+    cases = __import__(module)
+    rows = cases.run(budget, rounds=2 if dry else 5)
+    for r in rows:
+        r["is_baseline"] = r["provider"] == cases.BASELINES[r["op"]]
+    for op, baseline in cases.BASELINES.items():
+        harness.speedups([r for r in rows if r["op"] == op], baseline)
     notes = [*notes, *goals(rows, copy)]
     print("\n".join(harness.table(rows, copy)), flush=True)
     print(harness.write(out, stem or name, rows, copy, notes))

@@ -29,6 +29,7 @@ from pema_triton.remap import build_remap
 
 LOOKUP_PROVIDERS = ["pema", "pema-nocheck", "F.embedding-remapped"]
 BACKWARD_PROVIDERS = ["pema", "pema-atomic", "pema-sorted", "nn.Embedding-full-V"]
+BASELINES = {"lookup": "F.embedding-remapped", "backward": "nn.Embedding-full-V"}
 HAS_METHOD = "method" in inspect.signature(pema_triton.compact_embedding_backward).parameters
 
 
@@ -82,10 +83,10 @@ def run(budget: Budget, rounds: int) -> list[dict]:
                          for p in providers]
             continue
         base |= {"U": len(used), "distinct": int(torch.unique(ids).numel()), **facts}
-        rows += [measure(base | {"op": "lookup", "provider": p, "is_baseline": p == LOOKUP_PROVIDERS[-1]},
+        rows += [measure(base | {"op": "lookup", "provider": p},
                          lambda p=p: _lookup(p, ids, used, V, D, dtype), floor_bytes=_lookup_floor(base, ids, dtype),
                          rounds=rounds) for p in LOOKUP_PROVIDERS]
-        rows += [measure(base | {"op": "backward", "provider": p, "is_baseline": p == BACKWARD_PROVIDERS[-1],
+        rows += [measure(base | {"op": "backward", "provider": p,
                                  "floor_ratio": _backward_floor(base, ids, dtype, V) / _backward_floor(base, ids, dtype)},
                          lambda p=p: _backward(p, ids, used, V, D, dtype), floor_bytes=_backward_floor(base, ids, dtype),
                          rounds=rounds) for p in BACKWARD_PROVIDERS]

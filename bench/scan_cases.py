@@ -25,6 +25,7 @@ from pema_triton.vocab import used_ids_from_byte_map
 
 PROVIDERS = ["pema", "pema-map-only", "pema-packed-bits", "torch.unique", "torch.bincount", "numpy-bincount",
              "numpy-bincount-datasets.map"]
+BASELINES = {"scan": "torch.unique"}
 UPSTREAM_ROW = 512  # ids per dataset row for the upstream counter (a typical max_length)
 
 
@@ -64,7 +65,7 @@ def run(budget: Budget, rounds: int) -> list[dict]:
         expected = torch.unique(ids)
         base |= {"U_found": len(expected), **facts}
         floor = N * ids.element_size() + len(expected) * 8
-        rows += [measure(base | {"provider": p, "is_baseline": p == "torch.unique"},
+        rows += [measure(base | {"provider": p},
                          lambda p=p: _provider(p, ids, V, expected), floor_bytes=floor, rounds=rounds)
                  for p in PROVIDERS]
         del ids, expected
