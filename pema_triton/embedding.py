@@ -16,7 +16,8 @@ from torch import nn
 from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows
 from .errors import UnsupportedModuleError
 from .guards import check_managed, mark_compacted
-from .ops import compact_embedding, resolve_backend
+from .id_check import BadIdWatch, check_ids_option
+from .ops import compact_embedding_unchecked, resolve_backend
 from .remap import Compaction, compact_rows, raise_for_out_of_range
 
 __all__ = ["CompactEmbedding"]
@@ -26,7 +27,7 @@ _EMBEDDING_OPTIONS = ("num_embeddings", "embedding_dim", "padding_idx", "norm_ty
                       "sparse")
 _UNSUPPORTED_OPTIONS = (("max_norm", None), ("sparse", False), ("scale_grad_by_freq", False))
 # Attributes _setup_compact adds to a converted module, removed again by uncompact_.
-_COMPACT_ATTRS = ("backend", "deterministic", "check_ids", "padding_row", "unused_rows")
+_COMPACT_ATTRS = ("backend", "deterministic", "check_ids", "padding_row", "unused_rows", "bad_id_watch")
 
 
 class CompactEmbedding(nn.Embedding):
@@ -42,13 +43,16 @@ class CompactEmbedding(nn.Embedding):
         used_ids: [U] sorted unique ids in [0, V) to keep (or a :class:`~pema_triton.remap.Compaction`).
         backend: "auto", "triton" or "torch" (see :mod:`pema_triton.ops`).
         deterministic: backward without atomics; None follows `torch.are_deterministic_algorithms_enabled()`.
-        check_ids: raise on ids outside the used set (one device-to-host flag read per forward).
+        check_ids: raise on ids outside the used set: True (default) without a host sync on CUDA, raising at a
+            later forward or at :meth:`check_bad_ids` (see :mod:`pema_triton.id_check`); "sync" in the forward
+            that sees them; False never.
         weight: an existing [U, D] Parameter to train (shared between modules of one tied matrix), or None to
             copy the used rows.
 
     Attributes:
         weight: [U, D] trainable Parameter, a copy of the used rows.
-        used_ids: [U] int64 buffer; remap: [V] int32 buffer (-1 for unused ids). Both non-persistent.
+        used_ids: [U] int64 buffer; remap: [V] int32 buffer (-1 for unused ids); bad_id_count: [1] int32
+            buffer, ids with no compact row seen and not yet reported. All non-persistent.
         padding_row: compact row of `padding_idx`, or -1 where there is none (or the pad id is not used).
         unused_rows: None, or while :meth:`embedding_unused_ids` is active the [V, D] matrix whose rows embed
             ids outside the used set.
@@ -102,7 +106,7 @@ class CompactEmbedding(nn.Embedding):
 
         Merge the trained rows first (:meth:`merge_into`); this method only restores the module's structure.
         """
-        for name in ("used_ids", "remap"):
+        for name in ("used_ids", "remap", "bad_id_count"):
             del self._buffers[name]
         for name in _COMPACT_ATTRS:
             self.__dict__.pop(name, None)
@@ -125,12 +129,15 @@ class CompactEmbedding(nn.Embedding):
     def _setup_compact(self, full_weight, compaction, *, backend="auto", deterministic=None, check_ids=True,
                        weight=None, remap=None):
         used = compaction.used_ids.to(full_weight.device)
-        self.backend, self.deterministic, self.check_ids = backend, deterministic, check_ids
+        self.backend, self.deterministic, self.check_ids = backend, deterministic, check_ids_option(check_ids)
         self.weight = compact_parameter(full_weight, used, weight, "weight")
         mark_compacted(self.weight, compaction.fingerprint)
         self.register_buffer("used_ids", used, persistent=False)
         self.register_buffer("remap", compaction.remap(full_weight.device) if remap is None else remap,
                              persistent=False)
+        self.register_buffer("bad_id_count", torch.zeros(1, dtype=torch.int32, device=full_weight.device),
+                             persistent=False)
+        self.bad_id_watch = BadIdWatch()
         # Looked up once here: reading remap[padding_idx] in forward is a device-to-host sync every step.
         self.padding_row = -1 if self.padding_idx is None else int(self.remap[self.padding_idx])
         self.unused_rows = None
@@ -142,18 +149,21 @@ class CompactEmbedding(nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[*] original ids -> [*, D]."""
         check_managed(self)
-        out = compact_embedding(
-            ids,
-            self.remap,
-            self.weight,
-            padding_row=self.padding_row,
-            backend=self.backend,
+        out, num_bad = compact_embedding_unchecked(
+            ids, self.remap, self.weight, padding_row=self.padding_row, backend=self.backend,
             deterministic=self.deterministic,
-            check_ids=self.check_ids and self.unused_rows is None,
         )
         if self.unused_rows is not None:
-            out = self._embed_unused(ids, out, self.unused_rows)
+            return self._embed_unused(ids, out, self.unused_rows)
+        if self.check_ids:
+            self.bad_id_watch.observe(ids, num_bad, self.bad_id_count, self.remap, self.check_ids)
         return out
+
+    def check_bad_ids(self) -> None:
+        """Waits for the forwards still being counted; raises `UnusedIdError` / `IdOutOfRangeError` if any looked up
+        an id this module holds no row for. A host sync: call it where training syncs anyway (logging, saving)."""
+        if self.check_ids:
+            self.bad_id_watch.check(self.bad_id_count, self.remap)
 
     @contextmanager
     def embedding_unused_ids(self, unused_rows: torch.Tensor):

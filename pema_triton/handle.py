@@ -170,6 +170,13 @@ class PemaHandle:
         """Original-id labels -> the compact columns of `restricted` logits (for a loss computed outside the model)."""
         return labels_to_columns(labels, self.embeddings[0].remap.to(labels.device), ignore_index)
 
+    def check_ids(self) -> None:
+        """Raises `UnusedIdError` / `IdOutOfRangeError` if any forward since the last check looked up an id the
+        compacted embeddings hold no row for. Blocks until the GPU has caught up: call it where training syncs
+        anyway (`PemaCallback` does at each log, save and the end of training). See :mod:`pema_triton.id_check`."""
+        for embedding in self.embeddings:
+            embedding.check_bad_ids()
+
     def columns_to_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Compact columns of `restricted` logits (e.g. their argmax) -> original token ids."""
         return self.used_ids.to(columns.device)[columns]

@@ -35,13 +35,18 @@ class PemaCallback(TrainerCallback):
         restore: restore the model's full embeddings at the end of training (so `trainer.save_model()` and
             evaluation after training see the merged model). Checkpoints saved *during* training are already full
             size either way.
+        time_steps: time each optimizer step, which synchronises CUDA at its start and end; False keeps the steps
+            free of host syncs (the bad-id check is then the only sync, at each log, save and the end).
+
+    At each log, save and the end of training it runs `handle.check_ids()`: a forward that looked up an id the
+    compacted model holds no row for raises there at the latest (see :mod:`pema_triton.id_check`).
 
     Attributes (after training): step_times (seconds per optimizer step, CUDA-synchronised), peak_cuda_bytes
     (None on CPU), training_state (bytes of weights and buffers, gradients and optimizer state at the end).
     """
 
-    def __init__(self, restore: bool = True):
-        self.restore = restore
+    def __init__(self, restore: bool = True, time_steps: bool = True):
+        self.restore, self.time_steps = restore, time_steps
         self.step_times: list[float] = []
         self.peak_cuda_bytes: int | None = None
         self.training_state: dict[str, int] = {}
@@ -73,15 +78,29 @@ class PemaCallback(TrainerCallback):
         self.handle_summary = handle.summary() if handle is not None else None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._start = time.perf_counter()
+        if self.time_steps:
+            self._sync()
+            self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        if self._start is not None:
+        if self.time_steps and self._start is not None:
+            self._sync()
             self.step_times.append(time.perf_counter() - self._start)
 
+    @staticmethod
+    def _check_ids(model) -> None:
+        handle = get_handle(model) if model is not None else None
+        if handle is not None:
+            handle.check_ids()
+
+    def on_log(self, args, state, control, model=None, **kwargs):
+        self._check_ids(model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self._check_ids(model)
+
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._check_ids(model)
         if torch.cuda.is_available():
             self.peak_cuda_bytes = torch.cuda.max_memory_allocated()
         if model is not None:

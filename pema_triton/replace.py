@@ -26,6 +26,7 @@ from .embedding import CompactEmbedding
 from .errors import AlreadyCompactedError, NotCompactedError, PemaError, PemaWarning, UnsupportedModuleError
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
+from .id_check import check_ids_option
 from .fused import fused_mode
 from .modes import OutputMode, output_mode
 from .remap import Compaction
@@ -45,7 +46,7 @@ def replace_embeddings(
     offload: str | torch.device | None = "cpu",
     backend: str = "auto",
     deterministic: bool | None = None,
-    check_ids: bool = True,
+    check_ids: bool | str = True,
     fused_loss: bool = False,
     tokenizer=None,
     process_group=None,
@@ -63,7 +64,7 @@ def replace_embeddings(
             compacting one side would untie them.
         offload: where the full original matrices wait until restore ("cpu"), or None to leave them where
             they are. A `frozen` head keeps its own [V, D] copy on the model's device: it needs the unused rows.
-        backend, deterministic, check_ids: passed to every :class:`CompactEmbedding`.
+        backend, deterministic, check_ids: passed to every :class:`CompactEmbedding` (:mod:`pema_triton.id_check`).
         fused_loss: in training with `labels`, compute the causal-LM loss with the head, without the logits
             (:mod:`pema_triton.fused`); needs output="frozen" or "restricted".
         tokenizer: optional; its pad / unk / bos / eos ids missing from `used_ids` are warned about.
@@ -77,8 +78,8 @@ def replace_embeddings(
         AlreadyCompactedError: the model is compacted already.
         UnsupportedModuleError: no input embedding, or an embedding / head of an unsupported type (named).
         UsedIdsError: `used_ids` not sorted unique ids in [0, V).
-        PemaError: `output=None` on a tied model, or an unknown `output`.
-        On any error the model is left exactly as it was.
+        PemaError: `output=None` on a tied model, an unknown `output` or `check_ids`. On any error the model is
+            left exactly as it was.
 
     Examples:
         >>> used = scan_vocabulary(dataset, len(tokenizer), keep=special_token_ids(tokenizer))
@@ -86,14 +87,14 @@ def replace_embeddings(
         >>> restore_embeddings(model)
     """
     _refuse_compacted(model)
+    check_ids_option(check_ids)
     mode = fused_mode(output_mode(output)) if fused_loss else output_mode(output)
     offload = _offload_device(offload)
     targets = _Targets.find(model, mode)
     compaction = Compaction.of(used_ids, targets.vocab_size)
     _check_every_rank(compaction, process_group)
     _warn_missing_special_ids(model, compaction, tokenizer)
-    handle = PemaHandle(model, compaction, mode, targets.tied)
-    stats_before = trainable_stats(model)
+    handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
     _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
     handle.finish(stats_before)
     return handle

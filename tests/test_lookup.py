@@ -33,11 +33,11 @@ def test_lookup_matches_full_embedding(name, V, U, D, shape, how, dtype, id_dtyp
     assert torch.equal(tri, ref)  # a gather: exact, and NaN-free only if every element was written
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("method", ["atomic", "sorted"])
 @pytest.mark.parametrize("id_dtype", ID_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)
-def test_backward_triton_matches_reference(name, V, U, D, shape, how, dtype, id_dtype, deterministic):
+def test_backward_triton_matches_reference(name, V, U, D, shape, how, dtype, id_dtype, method):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
     used, remap, ids = make_case(V, U, shape, how, id_dtype, DEVICE)
@@ -46,18 +46,50 @@ def test_backward_triton_matches_reference(name, V, U, D, shape, how, dtype, id_
 
     ref = reference.lookup_backward(grad_out, ids, remap, U, padding_row)
     tri = pema_triton.compact_embedding_backward(
-        grad_out, ids, remap, U, padding_row=padding_row, backend="triton", deterministic=deterministic
+        grad_out, ids, remap, U, padding_row=padding_row, backend="triton", method=method
     )
 
     assert tri.shape == (U, D) and tri.dtype == dtype
     torch.testing.assert_close(tri, ref, **scatter_tolerance(grad_out, ids, dtype))
     if padding_row >= 0:
         assert torch.all(tri[padding_row] == 0)
-    if deterministic:
+    if method == "sorted" and ON_GPU:  # the interpreter runs programs one by one: any order repeats there
         again = pema_triton.compact_embedding_backward(
-            grad_out, ids, remap, U, padding_row=padding_row, backend="triton", deterministic=True
+            grad_out, ids, remap, U, padding_row=padding_row, backend="triton", method="sorted"
         )
         assert torch.equal(tri, again)
+
+
+# Sorted ids cut into chunks (kernels.scatter.sorted_blocks: 128 under the interpreter): rows that cross chunk
+# boundaries, one row spanning many chunks (the fix-up's loop runs more than once), -1 rows (unused ids, the
+# padding row) sorting first, and a chunk that is one row from end to end.
+SORTED_CASES = [
+    ("hot-row", 400, 50, 12, 700, 0.6, -1),
+    ("all-one-row", 60, 9, 5, 1100, 1.0, -1),
+    ("hot-padding-row", 400, 50, 7, 500, 0.5, 50 // 3),
+    ("many-rows", 3000, 900, 3, 1500, 0.0, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, V, U, D, N, hot, padding_row", SORTED_CASES, ids=[c[0] for c in SORTED_CASES])
+def test_sorted_backward_splits_rows_across_chunks(name, V, U, D, N, hot, padding_row, dtype):
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton cannot run here")
+    used, remap, _ = make_case(V, U, (1,), "random", torch.int64, DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    picks = torch.randint(0, U, (N,), generator=gen)
+    picks[torch.rand(N, generator=gen) < hot] = U // 3
+    ids = used.cpu()[picks].to(DEVICE)
+    grad_out = torch.randn(N, D, generator=gen).to(device=DEVICE, dtype=dtype)
+
+    ref = reference.lookup_backward(grad_out, ids, remap, U, padding_row)
+    tri = pema_triton.compact_embedding_backward(grad_out, ids, remap, U, padding_row=padding_row,
+                                                 backend="triton", method="sorted")
+
+    torch.testing.assert_close(tri, ref, **scatter_tolerance(grad_out, ids, dtype))
+    if padding_row >= 0:
+        assert torch.all(tri[padding_row] == 0)
 
 
 @pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)
@@ -89,19 +121,19 @@ def test_autograd_gradient_equals_reference(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gradcheck_float64(backend, deterministic):
+@pytest.mark.parametrize("method", ["atomic", "sorted"])
+def test_gradcheck_float64(backend, method):
     used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
     ids[0, :3] = used[4]  # a repeated row, so accumulation is exercised
     weight = torch.randn(11, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
 
     def fn(w):
-        return pema_triton.compact_embedding(ids, remap, w, backend=backend, deterministic=deterministic)
+        return pema_triton.compact_embedding(ids, remap, w, backend=backend, method=method)
 
     assert torch.autograd.gradcheck(fn, (weight,))
 
 
-def test_deterministic_algorithms_select_the_sorted_backward(monkeypatch):
+def test_backward_method_follows_dtype_and_deterministic_algorithms(monkeypatch):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
     seen = []
@@ -113,15 +145,22 @@ def test_deterministic_algorithms_select_the_sorted_backward(monkeypatch):
 
     monkeypatch.setattr(pema_triton.kernels, "lookup_backward", spy)
     used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
-    weight = torch.randn(11, 5, device=DEVICE, requires_grad=True)
-    pema_triton.compact_embedding(ids, remap, weight, backend="triton").sum().backward()
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(11, 5, device=DEVICE, dtype=dtype, requires_grad=True)
+        pema_triton.compact_embedding(ids, remap, weight, backend="triton").sum().backward()
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        pema_triton.compact_embedding(ids, remap, weight, backend="triton").sum().backward()
+        pema_triton.compact_embedding(ids, remap, weight.detach().float().requires_grad_(),
+                                      backend="triton").sum().backward()
+        with pytest.raises(BackendError, match="not deterministic"):
+            pema_triton.compact_embedding_backward(torch.ones(3, 7, 5, device=DEVICE), ids, remap, 11,
+                                                   method="atomic")
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert seen == [False, True]
+    assert seen == ["atomic", "sorted", "sorted"]  # fp32: atomic; bf16: sorted; deterministic: sorted
+    with pytest.raises(BackendError, match="method must be one of"):
+        pema_triton.compact_embedding_backward(torch.ones(3, 7, 5, device=DEVICE), ids, remap, 11, method="fast")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,8 +203,9 @@ def test_triton_backend_without_gpu_or_interpreter_is_a_clear_error(monkeypatch)
 
 
 @gpu_only
+@pytest.mark.parametrize("method", ["atomic", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_offsets_past_2_31_elements(dtype):
+def test_offsets_past_2_31_elements(dtype, method):
     """N * D > 2**31: int32 offsets would wrap; 2**19 tokens x D=4160 = 2.18e9 elements (4.4 GB in bf16)."""
     V, U, D, N = 4096, 1024, 4160, 1 << 19
     used, remap, _ = make_case(V, U, (1,), "random", torch.int64, DEVICE)
@@ -177,7 +217,7 @@ def test_offsets_past_2_31_elements(dtype):
     assert torch.equal(out[-1], weight[-1]) and torch.equal(out[N // 2], weight[remap[ids[N // 2]].long()])
     del out
     grad = torch.ones(N, D, device=DEVICE, dtype=dtype)
-    tri = pema_triton.compact_embedding_backward(grad, ids, remap, U, backend="triton")
+    tri = pema_triton.compact_embedding_backward(grad, ids, remap, U, backend="triton", method=method)
     counts = torch.bincount(remap[ids].long(), minlength=U).to(torch.float32)
     torch.testing.assert_close(tri[:, -1].float(), counts.to(dtype).float())
 

@@ -3,13 +3,34 @@ ids and map them to compact rows (the Triton side of `pema_triton.remap.compact_
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 # Triton decides interpreter-or-compiler when `@triton.jit` runs, i.e. when this package is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def on_tensors_device(launcher):
+    """Runs `launcher` with its first tensor argument's CUDA device current.
+
+    Triton launches on the *current* device, so a tensor on cuda:1 while cuda:0 is current (several GPUs in one
+    process, e.g. `device_map="auto"`) would be read through the wrong context. Under `torch.compile` the guard is
+    left out: the op's body is traced, and Inductor puts its own device guard around each kernel it emits.
+    """
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or not first.is_cuda or torch.compiler.is_compiling():
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return guarded
 
 
 def pick_blocks(dim: int, max_elements: int) -> tuple[int, int]:

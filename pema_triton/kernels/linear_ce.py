@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import INTERPRET
+from ._common import INTERPRET, on_tensors_device
 
 
 @triton.jit
@@ -163,6 +163,7 @@ def _operands(hidden, weight, frozen_weight, compute_dtype):
     return hidden, weight, frozen_weight
 
 
+@on_tensors_device
 def linear_cross_entropy(hidden, weight, frozen_weight, remap, targets, ignore_index=-100, compute_dtype=None):
     """Triton fused head + loss, with the contract of :func:`pema_triton.reference.linear_cross_entropy`."""
     hidden, weight, frozen_weight = _operands(hidden, weight, frozen_weight, compute_dtype)
@@ -180,6 +181,7 @@ def linear_cross_entropy(hidden, weight, frozen_weight, remap, targets, ignore_i
     return loss, lse
 
 
+@on_tensors_device
 def linear_cross_entropy_backward(grad_loss, hidden, weight, frozen_weight, remap, targets, lse, compute_dtype=None):
     """Triton backward, with the contract of :func:`pema_triton.reference.linear_cross_entropy_backward`."""
     hidden, weight, frozen_weight = _operands(hidden, weight, frozen_weight, compute_dtype)

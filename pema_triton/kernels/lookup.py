@@ -8,7 +8,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._checks import check_lookup_inputs
-from ._common import count_into, load_compact_rows, pick_blocks
+from ._common import count_into, load_compact_rows, on_tensors_device, pick_blocks
 
 
 @triton.jit
@@ -38,6 +38,7 @@ def _lookup_kernel(
     tl.store(out_ptr + o_n[:, None] * D + o_d[None, :], b_w, mask=m_n[:, None] & m_d[None, :])
 
 
+@on_tensors_device
 def lookup(ids: torch.Tensor, remap: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton compact lookup. Same contract as :func:`pema_triton.reference.lookup`.
 

@@ -16,7 +16,7 @@ from torch.library import wrap_triton
 
 from .._checks import check_id_dtype, check_scan_state
 from ..errors import PemaDTypeError
-from ._common import INTERPRET, count_into, load_ids
+from ._common import INTERPRET, count_into, load_ids, on_tensors_device
 
 # Ids a program: 4096 ids of 4-8 bytes stream 16-32 KiB of input each. The interpreter runs programs one at a
 # time, so it gets few large ones.
@@ -50,6 +50,7 @@ def _scan_kernel(
         tl.atomic_add(counts_ptr + b_ids, tl.full([BLOCK], 1, tl.int64), mask=m_valid, sem="relaxed")
 
 
+@on_tensors_device
 def mark_ids(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Tensor | None = None,
              ignore_index: int | None = None) -> torch.Tensor:
     """Triton vocabulary scan, with the contract of :func:`pema_triton.reference.mark_ids`: marks `ids` [*] in
@@ -91,6 +92,7 @@ def _scan_packed_kernel(
     tl.atomic_or(words_ptr + (b_ids >> 5), b_bits, mask=m_valid, sem="relaxed")
 
 
+@on_tensors_device
 def mark_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Packed-bit scan (the layout not chosen; for the benchmark). Marks `ids` [*] in `words` [ceil(V / 32)] int32.
 

@@ -1,10 +1,18 @@
 """Backward of the compact lookup: scatter `grad_out` rows into a [U, D] gradient, never [V, D].
 
-Two variants:
-- atomic (default): each program adds a [BLOCK_N, BLOCK_D] tile into a float32 accumulator with atomics.
-  The order of additions to a row varies run to run, so results may differ in the last bits.
-- deterministic: ids are sorted by compact row (stable) and each program reduces one row's segment in a fixed
-  order, writing each output element exactly once. Chosen under `torch.use_deterministic_algorithms(True)`.
+Two methods (`method=`), both accumulating in float32 (float64 for float64):
+- "atomic": each program adds a [BLOCK_N, BLOCK_D] tile into a float32 accumulator with relaxed atomics. The
+  order of additions to a row varies run to run (last-bit differences). The accumulator is the output for fp32;
+  for bf16/fp16 it costs a [U, D] fp32 zero-fill and a cast on top (about 10 bytes per element, 1.23 GB at
+  U = 30k, D = 4096), close to the full-vocabulary backward's own [V, D] zero-fill.
+- "sorted": token positions are sorted by compact row, the sorted list is cut into equal chunks of tokens (so a
+  hot row, 3-9% of all tokens in real text, is split across many programs rather than looped over by one), and
+  each program reduces its chunk tile by tile with a segmented scan in registers. Rows wholly inside a chunk are
+  written once, in the output dtype; a row crossing chunk boundaries leaves one fp32 partial per chunk, summed in
+  chunk order by a second kernel. Bit-identical run to run.
+
+`pema_triton.ops` picks the method ("auto"): sorted for bf16/fp16 and under
+`torch.use_deterministic_algorithms(True)`, atomic otherwise (see `choose_method`).
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from torch.library import wrap_triton
 
 from .._checks import accumulation_dtype, check_scatter_inputs
 from ..remap import compact_rows
-from ._common import INTERPRET, load_compact_rows, pick_blocks
+from ._common import INTERPRET, load_compact_rows, on_tensors_device, pick_blocks
+
+METHODS = ("atomic", "sorted")
 
 
 @triton.jit
@@ -47,46 +57,139 @@ def _scatter_atomic_kernel(
 
 
 @triton.jit
-def _scatter_segmented_kernel(
+def _segmented_add(k_left, v_left, k_right, v_right):
+    # Segmented inclusive scan over sorted keys: a run of equal keys sums, a new key starts afresh. Associative
+    # on non-decreasing keys, which the sort guarantees (masked lanes carry a key above every row).
+    return k_right, v_right + tl.where(k_left == k_right, v_left, 0.0)
+
+
+@triton.jit
+def _chunk_open_rows(sorted_rows_ptr, chunk_start, chunk_end, N):
+    """(head, tail) rows of a chunk: the row continuing into it from the previous chunk, and the row starting in
+    it and continuing past its end; -1 where there is none. A chunk that is one row from end to end has a head
+    only, so each crossing row has exactly one tail (in the chunk where it starts)."""
+    first = tl.load(sorted_rows_ptr + chunk_start)
+    last = tl.load(sorted_rows_ptr + chunk_end - 1)
+    before = tl.load(sorted_rows_ptr + chunk_start - 1, mask=chunk_start > 0, other=-1)
+    after = tl.load(sorted_rows_ptr + chunk_end, mask=chunk_end < N, other=-1)
+    head = tl.where((first >= 0) & (before == first), first, -1)
+    tail = tl.where((last >= 0) & (after == last) & (head != last), last, -1)
+    return head, tail
+
+
+@triton.jit
+def _scatter_sorted_kernel(
     grad_out_ptr,  # [N, D] upstream gradient
-    order_ptr,  # [N] int64: token positions sorted by compact row (stable)
-    seg_ptr,  # [U + 1] int64: tokens of row u are order[seg[u]:seg[u + 1]]
-    grad_weight_ptr,  # [U, D] output in grad_out's dtype; every element written
+    sorted_rows_ptr,  # [N] int32 compact rows, ascending; -1 (no row, or the padding row) sorts first
+    order_ptr,  # [N] int64: token position of each sorted entry
+    head_row_ptr,  # [C] int32 out: each chunk's head row (see _chunk_open_rows), for the fix-up kernel
+    tail_row_ptr,  # [C] int32 out: each chunk's tail row
+    partial_ptr,  # [C, 2, D] accumulation dtype out: the head's sum (slot 0) and the tail's (slot 1) in the chunk
+    grad_weight_ptr,  # [U, D] output, zero-filled: rows no token uses stay 0
+    N,  # number of ids
     D,  # embedding width
-    padding_row,  # compact row that receives no gradient, or -1
-    BLOCK_T: tl.constexpr,
+    TILES: tl.constexpr,  # tiles per chunk
+    BLOCK_T: tl.constexpr,  # sorted tokens per tile
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    i_u = tl.program_id(0)
-    i_d = tl.program_id(1)
+    i_c, i_d = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    start = tl.load(seg_ptr + i_u)
-    end = tl.load(seg_ptr + i_u + 1)
-    if i_u == padding_row:
-        end = start
-    b_acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
-    # Fixed order (sorted position, then a fixed-shape tree sum per tile): bit-identical run to run.
-    for t in range(start, end, BLOCK_T):
-        o_t = t + tl.arange(0, BLOCK_T)
-        m_t = o_t < end
+    chunk_start = i_c.to(tl.int64) * (TILES * BLOCK_T)
+    chunk_end = tl.minimum(chunk_start + TILES * BLOCK_T, N)
+    head, tail = _chunk_open_rows(sorted_rows_ptr, chunk_start, chunk_end, N)
+    if i_d == 0:
+        tl.store(head_row_ptr + i_c, head)
+        tl.store(tail_row_ptr + i_c, tail)
+
+    carry_row = tl.full([], -3, tl.int32)  # the row of the running sum carried from the previous tile
+    b_carry = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    for i_t in range(TILES):
+        o_t = chunk_start + i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        m_t = o_t < chunk_end
+        b_row = tl.load(sorted_rows_ptr + o_t, mask=m_t, other=2147483647)
+        b_next = tl.load(sorted_rows_ptr + o_t + 1, mask=o_t + 1 < chunk_end, other=-2)
         b_tok = tl.load(order_ptr + o_t, mask=m_t, other=0)
-        b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        b_acc += tl.sum(b_g.to(ACC_DTYPE), axis=0)
-    tl.store(grad_weight_ptr + i_u.to(tl.int64) * D + o_d, b_acc.to(grad_weight_ptr.dtype.element_ty), mask=m_d)
+        m_g = (m_t & (b_row >= 0))[:, None] & m_d[None, :]
+        b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_g, other=0.0).to(ACC_DTYPE)
+
+        b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
+        _, b_sum = tl.associative_scan((b_key, b_g), 0, _segmented_add)
+        b_sum += tl.where(b_key == carry_row, b_carry[None, :], 0.0)
+
+        # A segment ends where the next sorted row differs (or the chunk ends); its running sum is then complete
+        # for this chunk. Heads and tails go to the partials; every other row is finished and written once.
+        m_end = m_t & (b_row >= 0) & (b_row != b_next)
+        m_head, m_tail = m_end & (b_row == head), m_end & (b_row == tail)
+        m_own = m_end & (b_row != head) & (b_row != tail)
+        p_own = grad_weight_ptr + b_row.to(tl.int64)[:, None] * D + o_d[None, :]
+        tl.store(p_own, b_sum.to(grad_weight_ptr.dtype.element_ty), mask=m_own[:, None] & m_d[None, :])
+        p_part = partial_ptr + (i_c.to(tl.int64) * 2) * D + o_d[None, :] + tl.zeros([BLOCK_T, 1], tl.int64)
+        tl.store(p_part, b_sum, mask=m_head[:, None] & m_d[None, :])
+        tl.store(p_part + D, b_sum, mask=m_tail[:, None] & m_d[None, :])
+
+        i_last = tl.minimum(chunk_start + (i_t + 1) * BLOCK_T, chunk_end) - 1
+        carry_row = tl.max(tl.where(m_t, b_row, -3), axis=0)
+        b_carry = tl.sum(tl.where((o_t == i_last)[:, None], b_sum, 0.0), axis=0)
+
+
+@triton.jit
+def _scatter_sorted_fixup_kernel(
+    head_row_ptr,  # [C] int32: each chunk's head row, -1 if none
+    tail_row_ptr,  # [C] int32: each chunk's tail row, -1 if none
+    partial_ptr,  # [C, 2, D] partial sums from _scatter_sorted_kernel
+    grad_weight_ptr,  # [U, D] output: the rows crossing chunk boundaries are written here
+    C,  # number of chunks
+    D,  # embedding width
+    BLOCK_K: tl.constexpr,  # chunks' partials summed per step
+    BLOCK_D: tl.constexpr,
+):
+    # The program of the chunk where a crossing row starts sums that row's tail partial and then the head
+    # partials of the following chunks, in chunk order: the same additions in the same order every run.
+    i_c, i_d = tl.program_id(0), tl.program_id(1)
+    row = tl.load(tail_row_ptr + i_c)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = (o_d < D) & (tl.zeros([BLOCK_D], tl.int32) + row >= 0)  # a block mask: the interpreter wants one
+    b_acc = tl.load(partial_ptr + (i_c.to(tl.int64) * 2 + 1) * D + o_d, mask=m_d, other=0.0)
+    o_k = i_c.to(tl.int64) + 1 + tl.arange(0, BLOCK_K)
+    more = row >= 0
+    while more:
+        # The chunks after the start whose head is this row are consecutive (rows are sorted).
+        m_k = tl.load(head_row_ptr + o_k, mask=o_k < C, other=-1) == row
+        b_part = tl.load(partial_ptr + (o_k * 2)[:, None] * D + o_d[None, :], mask=m_k[:, None] & m_d[None, :],
+                         other=0.0)
+        b_acc += tl.sum(b_part, axis=0)
+        more = tl.sum(m_k.to(tl.int32), axis=0) == BLOCK_K
+        o_k += BLOCK_K
+    tl.store(grad_weight_ptr + row.to(tl.int64) * D + o_d, b_acc.to(grad_weight_ptr.dtype.element_ty), mask=m_d)
 
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+def sorted_blocks(num_ids: int, dim: int) -> dict[str, int]:
+    """Tile sizes of the sorted backward: BLOCK_T tokens x BLOCK_D columns per tile, TILES tiles per chunk.
+
+    A 32 x 128 fp32 tile keeps the scan's keys and values at 64 registers a thread (4 warps). Chunks of 256
+    tokens at large N make the partials' extra traffic 2 rows per 256 tokens read (under 1%); at small N,
+    chunks of 64 keep enough programs to fill the device. Under the interpreter, small tiles still exercise
+    chunk crossings on test-sized inputs.
+    """
+    if INTERPRET:
+        return {"TILES": 2, "BLOCK_T": 64, "BLOCK_D": triton.next_power_of_2(dim), "BLOCK_K": 4}
+    return {"TILES": 8 if num_ids >= 2**18 else 2, "BLOCK_T": 32, "BLOCK_D": min(triton.next_power_of_2(dim), 128),
+            "BLOCK_K": 16}
+
+
+@on_tensors_device
 def lookup_backward(
     grad_out: torch.Tensor,
     ids: torch.Tensor,
     remap: torch.Tensor,
     num_rows: int,
     padding_row: int = -1,
-    deterministic: bool = False,
+    method: str = "atomic",
 ) -> torch.Tensor:
     """Triton backward of the compact lookup. Same contract as :func:`pema_triton.reference.lookup_backward`.
 
@@ -94,51 +197,58 @@ def lookup_backward(
         grad_out: [*ids.shape, D] upstream gradient.
         ids: [*] original token ids; remap: [V] int32 compact row of each id, -1 for unused.
         num_rows: U; padding_row: a compact row that gets no gradient, or -1.
-        deterministic: sort + segmented reduction instead of atomics.
+        method: "atomic" or "sorted" (module docstring); "sorted" is bit-identical run to run.
 
     Returns:
         grad_weight: [U, D] in grad_out's dtype, accumulated in float32 (float64 for float64).
     """
     check_scatter_inputs(grad_out, ids, remap, num_rows)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     dim = grad_out.shape[-1]
     flat_ids = ids.reshape(-1).contiguous()
     grad_2d = grad_out.reshape(-1, dim).contiguous()
     remap = remap.contiguous()
-    num_ids = flat_ids.numel()
     acc_dtype = accumulation_dtype(grad_out.dtype)
-    if deterministic:
-        return _scatter_segmented(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype)
+    if method == "sorted":
+        return _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype)
+    return _scatter_atomic(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype)
 
-    acc = torch.zeros(num_rows, dim, dtype=acc_dtype, device=grad_out.device)
+
+def _scatter_atomic(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) -> torch.Tensor:
+    num_ids, dim = grad_2d.shape
+    acc = torch.zeros(num_rows, dim, dtype=acc_dtype, device=grad_2d.device)
     if num_ids and dim:
         block_n, block_d = pick_blocks(dim, max_elements=4096)
         grid = (triton.cdiv(num_ids, block_n), triton.cdiv(dim, block_d))
         wrap_triton(_scatter_atomic_kernel)[grid](
             grad_2d, flat_ids, remap, acc, num_ids, remap.numel(), dim, padding_row, BLOCK_N=block_n, BLOCK_D=block_d
         )
-    return acc.to(grad_out.dtype)
+    return acc.to(grad_2d.dtype)
 
 
-def _scatter_segmented(
-    grad_2d: torch.Tensor,
-    flat_ids: torch.Tensor,
-    remap: torch.Tensor,
-    num_rows: int,
-    padding_row: int,
-    acc_dtype: torch.dtype,
-) -> torch.Tensor:
-    dim = grad_2d.shape[1]
-    # An id with no row sorts first (as -1) and falls outside every segment, matching the atomic variant.
+def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) -> torch.Tensor:
+    num_ids, dim = grad_2d.shape
+    grad_weight = torch.zeros(num_rows, dim, dtype=grad_2d.dtype, device=grad_2d.device)
+    if not (num_ids and dim):
+        return grad_weight
+    # Ids with no row and the padding row become -1: they sort first and no segment of theirs is written.
     rows = compact_rows(flat_ids, remap)
-    sorted_rows, order = torch.sort(rows, stable=True)
-    seg = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=rows.device))
-    grad_weight = torch.empty(num_rows, dim, dtype=grad_2d.dtype, device=grad_2d.device)
-    if dim:
-        block_d = triton.next_power_of_2(dim) if INTERPRET else min(triton.next_power_of_2(dim), 256)
-        block_t = max(1, min(128, 8192 // block_d)) if INTERPRET else 32
-        grid = (num_rows, triton.cdiv(dim, block_d))
-        wrap_triton(_scatter_segmented_kernel)[grid](
-            grad_2d, order, seg, grad_weight, dim, padding_row,
-            BLOCK_T=block_t, BLOCK_D=block_d, ACC_DTYPE=_TL_ACC[acc_dtype],
-        )
+    if padding_row >= 0:
+        rows = torch.where(rows == padding_row, -1, rows)
+    sorted_rows, order = torch.sort(rows.to(torch.int32), stable=True)
+    blocks = sorted_blocks(num_ids, dim)
+    num_chunks = triton.cdiv(num_ids, blocks["TILES"] * blocks["BLOCK_T"])
+    head_rows = torch.empty(num_chunks, dtype=torch.int32, device=grad_2d.device)
+    tail_rows = torch.empty(num_chunks, dtype=torch.int32, device=grad_2d.device)
+    partials = torch.empty(num_chunks, 2, dim, dtype=acc_dtype, device=grad_2d.device)
+    grid = (num_chunks, triton.cdiv(dim, blocks["BLOCK_D"]))
+    wrap_triton(_scatter_sorted_kernel)[grid](
+        grad_2d, sorted_rows, order, head_rows, tail_rows, partials, grad_weight, num_ids, dim,
+        TILES=blocks["TILES"], BLOCK_T=blocks["BLOCK_T"], BLOCK_D=blocks["BLOCK_D"], ACC_DTYPE=_TL_ACC[acc_dtype],
+    )
+    wrap_triton(_scatter_sorted_fixup_kernel)[grid](
+        head_rows, tail_rows, partials, grad_weight, num_chunks, dim, BLOCK_K=blocks["BLOCK_K"],
+        BLOCK_D=blocks["BLOCK_D"],
+    )
     return grad_weight

@@ -1,0 +1,112 @@
+"""The bad-id check of a compacted embedding, without a host sync on the training path.
+
+A lookup counts, on the device, the ids that have no compact row. Reading that count back with `.item()` every
+forward blocks the host until the GPU has caught up (the launch queue drains every step), stops CUDA-graph
+capture and breaks `torch.compile` graphs. Instead (`check_ids=True`, the default):
+
+- every forward adds its count to a device counter (a buffer; `torch.compile` and CUDA graphs record the add);
+- in eager mode on CUDA, the count is also copied to pinned host memory behind a CUDA event, and the next
+  forward reads it once the event has completed (`Event.query()`, which never blocks), raising
+  :class:`~pema_triton.errors.UnusedIdError` naming the ids. The error arrives a forward or two late: the
+  forward that saw the ids embedded them as zeros, and their gradient reached no row, so no trained row is wrong;
+- :meth:`BadIdWatch.check` (`handle.check_ids()`, called by `PemaCallback` at each log, save and the end of
+  training, points that sync anyway) blocks and raises if the counter is not zero: the way compiled and
+  graph-captured steps are checked.
+
+On CPU reading the count costs no sync, so the forward that sees a bad id raises (`check_ids="sync"` does that
+on CUDA too, for debugging; `check_ids=False` turns the check off).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .errors import PemaError, UnusedIdError
+from .remap import raise_for_bad_ids
+
+__all__ = ["CHECK_IDS", "BadIdWatch", "check_ids_option"]
+
+CHECK_IDS = (True, False, "sync", "async")
+# Forwards whose count may be in flight at once. Past this the oldest is waited for: the GPU is then more than
+# 4 forwards behind the host, and the ids kept for the error message stay bounded.
+_MAX_PENDING = 4
+
+
+def check_ids_option(check_ids) -> bool | str:
+    """Validates a `check_ids=` value: True (asynchronous on CUDA), "sync", "async" (also on CPU) or False."""
+    if check_ids not in CHECK_IDS or isinstance(check_ids, int) and not isinstance(check_ids, bool):
+        raise PemaError(f"check_ids must be one of {CHECK_IDS}, got {check_ids!r}")
+    return check_ids
+
+
+class BadIdWatch:
+    """One compacted embedding's forwards whose bad-id count is still on its way to the host.
+
+    The tensors stay with the module (its `bad_id_count` [1] int32 and `remap` [V] buffers, which follow
+    `model.to(...)`); they are passed in.
+    """
+
+    def __init__(self):
+        self._pending = deque()  # (event or None, [1] host count, ids) of forwards not yet read, oldest first
+
+    def observe(self, ids: torch.Tensor, num_bad: torch.Tensor, counter: torch.Tensor, remap: torch.Tensor,
+                mode: bool | str) -> None:
+        """Records one forward's `num_bad` [1] for `ids` into `counter`; raises for an earlier forward that saw
+        bad ids, or for this one where reading is free (CPU) or asked for (`mode="sync"`)."""
+        counter += num_bad
+        if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # traced or captured: only the device counter, read by check()
+        if mode == "sync" or (mode is True and not ids.is_cuda):
+            if num_bad.item():
+                self._raise(ids, counter, remap)
+            return
+        while self._pending and (self._pending[0][0] is None or self._pending[0][0].query()):
+            self._read_oldest(counter, remap)
+        self._pending.append(_snapshot(ids, num_bad))
+        if len(self._pending) > _MAX_PENDING:
+            self._read_oldest(counter, remap)
+
+    def check(self, counter: torch.Tensor, remap: torch.Tensor) -> None:
+        """Blocks until every recorded forward is counted; raises if any looked up an id with no compact row."""
+        while self._pending:
+            self._read_oldest(counter, remap)
+        if counter.item():
+            self._raise(None, counter, remap)
+
+    def _read_oldest(self, counter, remap) -> None:
+        event, host, ids = self._pending.popleft()
+        if event is not None:
+            event.synchronize()  # a no-op once query() said so
+        if int(host):
+            self._raise(ids, counter, remap)
+
+    def _raise(self, ids, counter, remap) -> None:
+        # Reported once: the counter and the forwards in flight start afresh for a caller that goes on.
+        counter.zero_()
+        self._pending.clear()
+        if ids is not None:
+            raise_for_bad_ids(ids, remap)
+        raise UnusedIdError(
+            "a compiled or graph-captured forward looked up token ids that are not in the used vocabulary (or are "
+            "outside [0, V)); run a step eagerly with check_ids='sync' to see which", []
+        )
+
+    # Events and pinned buffers belong to one process and stream: a copy (deepcopy, pickle) starts with none.
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._pending = deque()
+
+
+def _snapshot(ids: torch.Tensor, num_bad: torch.Tensor):
+    """(event, host copy of num_bad, ids): the copy is complete once the event is (None: it already is)."""
+    if not num_bad.is_cuda:
+        return None, num_bad.clone(), ids
+    host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    host.copy_(num_bad, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return event, host, ids
