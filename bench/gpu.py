@@ -82,7 +82,7 @@ def _timed_part(name: str, module: str, out: Path, budget, dry: bool, notes: lis
 
     copy = _copy(dry)
     cases = __import__(module)
-    rows = cases.run(budget, rounds=2 if dry else 5)
+    rows = cases.run(budget, rounds=1 if dry else 5)  # dry: the interpreter runs the sorted backward at ~1 s a call
     for r in rows:
         r["is_baseline"] = r["provider"] == cases.BASELINES[r["op"]]
     for op, baseline in cases.BASELINES.items():
