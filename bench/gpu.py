@@ -3,7 +3,7 @@
 Parts (each one command of at most 8 minutes on an H100; a part stops adding cases when its time budget is spent
 and lists the cases it skipped):
     tests    the kernel test files on CUDA (tests/test_lookup.py, test_scan.py, test_linear_ce.py,
-             test_modules.py), then the other tests marked `gpu`
+             test_modules.py, test_id_check.py), then the other tests marked `gpu`
     kernels  lookup and backward (bench/kernel_cases.py)
     scan     the vocabulary scan at 10^8 ids (bench/scan_cases.py)
     head     the LM head + loss (bench/loss.py, GPU shapes)
@@ -36,7 +36,8 @@ REPO = BENCH.parent
 PARTS = ["tests", "kernels", "scan", "head", "memory"]
 # Seconds each part may spend on cases (start-up and the last case come on top): inside 8 minutes on an H100.
 BUDGET_S = {"tests": 420, "kernels": 330, "scan": 240, "head": 360, "memory": 300}
-KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_ce.py", "tests/test_modules.py"]
+KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_ce.py", "tests/test_modules.py",
+                "tests/test_id_check.py"]
 
 
 def main(argv=None) -> int:
