@@ -382,6 +382,7 @@ def test_restore_follows_the_model_to_the_device_and_dtype_it_moved_to():
         model(input_ids=ids)  # a consistent model runs
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: moves a CPU-compacted model to it")
 @pytest.mark.parametrize("output", ["frozen", "restricted"])
 def test_a_model_compacted_on_cpu_trains_after_moving_to_the_gpu(output):
