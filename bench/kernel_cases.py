@@ -55,7 +55,7 @@ def case_name(V, source, D, N, dtype) -> str:
     return f"V{V}-{src}-D{D}-N{N}-{str(dtype).split('.')[-1]}"
 
 
-def _fits(V, D, N, dtype) -> bool:
+def fits(V, D, N, dtype) -> bool:
     """The larger of the two phases: lookup (its reference output and one timed output, [N, D] each) and backward
     (the [N, D] gradient, the baseline's [V, D] result and its fp32 partial sums, at most [N, D] fp32)."""
     if not ON_GPU:
@@ -69,7 +69,7 @@ def run(budget: Budget, rounds: int) -> list[dict]:
     for case in grid():
         V, source, D, N, dtype = case
         base = {"case": case_name(*case), "V": V, "D": D, "N": N, "dtype": str(dtype), "ids": source}
-        if budget.spent() or not _fits(V, D, N, dtype):
+        if budget.spent() or not fits(V, D, N, dtype):
             why = "time budget spent" if budget.spent() else "does not fit in this device's memory"
             for op, providers in (("lookup", LOOKUP_PROVIDERS), ("backward", BACKWARD_PROVIDERS)):
                 for p in providers:
@@ -84,27 +84,27 @@ def run(budget: Budget, rounds: int) -> list[dict]:
             continue
         base |= {"U": len(used), "distinct": int(torch.unique(ids).numel()), **facts}
         rows += [measure(base | {"op": "lookup", "provider": p},
-                         lambda p=p: _lookup(p, ids, used, V, D, dtype), floor_bytes=_lookup_floor(base, ids, dtype),
+                         lambda p=p: lookup_provider(p, ids, used, V, D, dtype), floor_bytes=lookup_floor(base, ids, dtype),
                          rounds=rounds) for p in LOOKUP_PROVIDERS]
         rows += [measure(base | {"op": "backward", "provider": p,
-                                 "floor_ratio": _backward_floor(base, ids, dtype, V) / _backward_floor(base, ids, dtype)},
-                         lambda p=p: _backward(p, ids, used, V, D, dtype), floor_bytes=_backward_floor(base, ids, dtype),
+                                 "floor_ratio": backward_floor(base, ids, dtype, V) / backward_floor(base, ids, dtype)},
+                         lambda p=p: backward_provider(p, ids, used, V, D, dtype), floor_bytes=backward_floor(base, ids, dtype),
                          rounds=rounds) for p in BACKWARD_PROVIDERS]
         del ids, used
     return rows
 
 
-def _lookup_floor(case: dict, ids, dtype) -> int:
+def lookup_floor(case: dict, ids, dtype) -> int:
     N, D, distinct = case["N"], case["D"], case["distinct"]
     return N * ids.element_size() + N * D * dtype.itemsize + distinct * (D * dtype.itemsize + 4)
 
 
-def _backward_floor(case: dict, ids, dtype, rows_written: int | None = None) -> int:
+def backward_floor(case: dict, ids, dtype, rows_written: int | None = None) -> int:
     N, D = case["N"], case["D"]
     return N * D * dtype.itemsize + N * ids.element_size() + (rows_written or case["U"]) * D * dtype.itemsize
 
 
-def _lookup(provider: str, ids, used, V, D, dtype):
+def lookup_provider(provider: str, ids, used, V, D, dtype):
     """(fn, check): the provider's lookup, and its comparison with F.embedding on the remapped ids (exact)."""
     remap = build_remap(used, V)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -124,7 +124,7 @@ def _lookup(provider: str, ids, used, V, D, dtype):
     return fns[provider], check
 
 
-def _backward(provider: str, ids, used, V, D, dtype):
+def backward_provider(provider: str, ids, used, V, D, dtype):
     """(fn, check): the provider's weight gradient, and its comparison with an fp32 index_add over the used rows."""
     if provider in ("pema-atomic", "pema-sorted") and not HAS_METHOD:
         raise Unavailable("this build's compact_embedding_backward has no method= yet")

@@ -66,13 +66,13 @@ def run(budget: Budget, rounds: int) -> list[dict]:
         base |= {"U_found": len(expected), **facts}
         floor = N * ids.element_size() + len(expected) * 8
         rows += [measure(base | {"provider": p},
-                         lambda p=p: _provider(p, ids, V, expected), floor_bytes=floor, rounds=rounds)
+                         lambda p=p: scan_provider(p, ids, V, expected), floor_bytes=floor, rounds=rounds)
                  for p in PROVIDERS]
         del ids, expected
     return rows
 
 
-def _provider(provider: str, ids: torch.Tensor, V: int, expected: torch.Tensor):
+def scan_provider(provider: str, ids: torch.Tensor, V: int, expected: torch.Tensor):
     """(fn, check) for one provider; check compares the sorted used ids with torch.unique's."""
     byte_map = torch.zeros(V, dtype=torch.uint8, device=ids.device)
 

@@ -32,6 +32,22 @@ def test_gpu_parts_dry_run_on_cpu_with_their_checks(tmp_path):
         assert all(r["median_s"] > 0 and r["worst_s"] >= r["median_s"] for r in rows if r["status"] == "ok")
 
 
+def test_pytest_benchmark_front_end_runs_the_same_checked_cases(tmp_path):
+    """bench/test_bench_kernels.py, the pytest-benchmark runs: every lookup, backward and scan provider of the CPU
+    Zipf cases passes its result check, and the JSON holds each timer's median beside the byte floor."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU path users get, full-sized
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "pytest", "test_bench_kernels.py", "-q", "-p", "no:cacheprovider",
+                             "-k", "V30522-zipf or V128256-zipf-N", f"--benchmark-json={out}", "--benchmark-min-rounds=1"],
+                            cwd=BENCH, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert {b["extra_info"]["op"] for b in benchmarks} == {"lookup", "backward", "scan"}
+    assert all(b["extra_info"]["timer_median_s"] > 0 and b["extra_info"]["floor_bytes"] > 0 for b in benchmarks)
+
+
 def test_loss_benchmark_runs_each_provider_and_they_agree(tmp_path):
     """bench/loss.py on a small case: every CPU provider runs, and the frozen ones give one loss."""
     import json
