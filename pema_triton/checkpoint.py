@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from .distributed import placed_like
 from .errors import PemaError, VocabularySizeError
 
 __all__ = ["FullVocabularyCheckpoint", "register_sliced_buffer"]
@@ -103,7 +104,8 @@ class FullVocabularyCheckpoint:
             if module in self.handle.heads:
                 module.output_mode.load_full(module, name, full)
             used = self.handle.compaction.used_ids
-            state_dict[key] = full.index_select(0, used.to(full.device))  # what the compact Parameter loads
+            # What the compact Parameter loads (for FSDP2's DTensor, this rank's shard of it).
+            state_dict[key] = placed_like(full.index_select(0, used.to(full.device)), getattr(module, name))
 
     def _kept_for(self, key, full, slot):
         kept = self.handle.kept(slot)

@@ -6,17 +6,25 @@
   raises `UsedIdsError` naming the ranks that differ, where DDP would fail on a shape in its constructor.
 - DDP leaves the buffers of a compacted model alone: a `frozen` head's [V, D] matrix is identical on every rank
   and never changes, so broadcasting it every forward (`broadcast_buffers=True`, DDP's default) only costs time.
+- FSDP2 (`fully_shard`) shards the compact [U, D] rows like any Parameter, as a DTensor of U/W rows per rank; the
+  buffers (the remap table, a `frozen` head's [V, D] matrix) stay whole on every rank. A state dict still holds
+  each compacted matrix as the full [V, D] tensor under its original name, the same plain tensor on every rank:
+  its compact rows are all-gathered (U x D, where FSDP gathers them every forward anyway) into the kept original,
+  which sits whole on every rank already. So `state_dict()` of a sharded compacted model is a collective that
+  every rank must call, as `torch.distributed.checkpoint` does; a sharded (DCP) checkpoint writes each such
+  tensor once, as a replicated one, and loads the same checkpoint format as one process writes. Restoring while
+  sharded is refused: FSDP would keep putting the compact rows back into the restored modules.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .errors import UsedIdsError
+from .errors import ShardedModelError, UsedIdsError
 
 __all__ = [
     "check_same_used_ids", "in_distributed_job", "keep_buffers_out_of_ddp", "largest_across_ranks",
-    "union_across_ranks",
+    "placed_like", "refuse_sharded_restore", "union_across_ranks", "version", "whole",
 ]
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # DDP reads this attribute of the module it wraps
@@ -89,3 +97,46 @@ def keep_buffers_out_of_ddp(handle) -> None:
              for name, buffer in module._buffers.items() if buffer is not None]
     previous = list(getattr(model, _DDP_IGNORE, []))
     handle.patch(model, _DDP_IGNORE, previous + [n for n in names if n not in previous])
+
+
+def _is_dtensor(tensor) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole on every rank: a DTensor (FSDP2's sharded compact rows) all-gathered, so every rank must
+    call this at the same point; any other tensor as it is."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def placed_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`tensor`, whole and the same on every rank, laid out as `param` is: for a DTensor, this rank's shard, cut
+    out locally (no communication), so `load_state_dict` copies it into FSDP2's shard; else `tensor` itself."""
+    if not _is_dtensor(param):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def version(tensor: torch.Tensor) -> tuple[int, ...]:
+    """What changes whenever `tensor`'s values do: its version counter (for a DTensor, its local shard's too)."""
+    return (tensor._version, tensor._local_tensor._version) if _is_dtensor(tensor) else (tensor._version,)
+
+
+def refuse_sharded_restore(handle) -> None:
+    """Raises before anything changes if FSDP2 shards the compacted model's compact rows."""
+    sharded = [module for module in handle.embeddings + handle.heads if _is_dtensor(module.weight)]
+    if sharded:
+        raise ShardedModelError(
+            f"restore_embeddings on a model sharded by FSDP ({type(sharded[0]).__name__}.weight is a DTensor): FSDP "
+            f"holds the compact rows and would put them back into the restored modules. Save the full-vocabulary "
+            f"state dict instead, on every rank: get_model_state_dict(model, options=StateDictOptions("
+            f"full_state_dict=True, cpu_offload=True)), which a plain transformers model loads"
+        )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
+from .distributed import refuse_sharded_restore, version, whole
 from .errors import NotCompactedError
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
@@ -181,15 +182,15 @@ class PemaHandle:
 
         One tensor object per matrix and version, so tied names in a state dict share storage as they did.
         """
-        kept, trained = self.kept(slot), self._trained(slot)
-        key = (slot, trained._version, kept.param._version, trained.dtype)
+        kept, trained = self.kept(slot), self._trained(slot).detach()
+        key = (slot, version(trained), kept.param._version, trained.dtype)
         if key not in self._full_cache:
             if len(self._full_cache) > 8:  # stale versions of the matrices
                 self._full_cache.clear()
             # In the dtype the model has now (`model.to(torch.bfloat16)` after replace converts only the compact
             # Parameters), so a checkpoint holds what the uncompacted model would save; on the kept matrix's device.
             full = kept.param.detach().to(trained.dtype, copy=True)
-            full.index_copy_(0, self.used_ids.to(full.device), trained.detach().to(full))
+            full.index_copy_(0, self.used_ids.to(full.device), whole(trained).to(full))  # FSDP2: all-gathered
             self._full_cache[key] = full
         return self._full_cache[key]
 
@@ -207,9 +208,11 @@ class PemaHandle:
 
         Raises:
             NotCompactedError: this handle was restored already.
+            ShardedModelError: FSDP shards the compact rows (save the full state dict instead).
         """
         if get_handle(self.model) is not self:
             raise NotCompactedError(f"{type(self.model).__name__} is not compacted by this handle: nothing to restore")
+        refuse_sharded_restore(self)
         self.undo(merge=True)
         delattr(self.model, _HANDLE_ATTR)
         return self.model

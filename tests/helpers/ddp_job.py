@@ -28,8 +28,12 @@ def batches(used, rank=None):
     return steps if rank is None else [step[rank * ROWS:(rank + 1) * ROWS] for step in steps]
 
 
-def train(model, steps, step_fn=None):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+def adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+
+
+def train(model, steps, step_fn=None, optimizer=None):
+    optimizer = optimizer or adamw(model)
     for batch in steps:
         (step_fn or model)(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
