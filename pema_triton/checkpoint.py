@@ -71,7 +71,7 @@ class FullVocabularyCheckpoint:
     def _save(self, module, state_dict, prefix, local_metadata, slots):
         for name, slot in slots:
             if prefix + name in state_dict:
-                state_dict[prefix + name] = self.handle.full_tensor(slot)
+                state_dict[prefix + name] = self.handle.full_tensor(slot, state_dict)
 
     def _check_every_shape(self, root, state_dict, prefix, local_metadata, *args):
         # Runs on the root before any submodule loads: a wrong head must not leave the input matrix overwritten.

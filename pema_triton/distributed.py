@@ -24,7 +24,7 @@ from .errors import ShardedModelError, UsedIdsError
 
 __all__ = [
     "check_same_used_ids", "in_distributed_job", "keep_buffers_out_of_ddp", "largest_across_ranks",
-    "placed_like", "refuse_sharded_restore", "union_across_ranks", "version", "whole",
+    "placed_like", "refuse_sharded_restore", "union_across_ranks", "whole",
 ]
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # DDP reads this attribute of the module it wraps
@@ -123,11 +123,6 @@ def placed_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-
-
-def version(tensor: torch.Tensor) -> tuple[int, ...]:
-    """What changes whenever `tensor`'s values do: its version counter (for a DTensor, its local shard's too)."""
-    return (tensor._version, tensor._local_tensor._version) if _is_dtensor(tensor) else (tensor._version,)
 
 
 def refuse_sharded_restore(handle) -> None:
