@@ -6,7 +6,7 @@
   raises `UsedIdsError` naming the ranks that differ, where DDP would fail on a shape in its constructor.
 - DDP leaves the buffers of a compacted model alone: a `frozen` head's [V, D] matrix is identical on every rank
   and never changes, so broadcasting it every forward (`broadcast_buffers=True`, DDP's default) only costs time.
-- FSDP2 (`fully_shard`) shards the compact [U, D] rows like any Parameter, as a DTensor of U/W rows per rank; the
+- FSDP2 (`fully_shard`) shards the compact [U, D] rows like any Parameter, ceil(U / ranks) rows per rank; the
   buffers (the remap table, a `frozen` head's [V, D] matrix) stay whole on every rank. A state dict still holds
   each compacted matrix as the full [V, D] tensor under its original name, the same plain tensor on every rank:
   its compact rows are all-gathered (U x D, where FSDP gathers them every forward anyway) into the kept original,
@@ -126,12 +126,24 @@ def placed_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def refuse_sharded_restore(handle) -> None:
-    """Raises before anything changes if FSDP2 shards the compacted model's compact rows."""
-    sharded = [module for module in handle.embeddings + handle.heads if _is_dtensor(module.weight)]
-    if sharded:
+    """Raises before anything changes if FSDP2 manages a compacted module's compact rows: the module or one of its
+    ancestors is an `FSDPModule` (`fully_shard` manages every Parameter below it that no nested call claims). Not
+    "is the weight a DTensor": after a forward without backward the root's rows stay unsharded, plain tensors."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    model = handle.model
+    sharded = [path for path, module in model.named_modules() if isinstance(module, FSDPModule)]
+    compacted = [path for path, module in model.named_modules()
+                 if any(module is m for m in handle.embeddings + handle.heads)]
+    managed = [c for c in compacted if any(s == "" or c == s or c.startswith(s + ".") for s in sharded)]
+    if managed:
         raise ShardedModelError(
-            f"restore_embeddings on a model sharded by FSDP ({type(sharded[0]).__name__}.weight is a DTensor): FSDP "
-            f"holds the compact rows and would put them back into the restored modules. Save the full-vocabulary "
-            f"state dict instead, on every rank: get_model_state_dict(model, options=StateDictOptions("
-            f"full_state_dict=True, cpu_offload=True)), which a plain transformers model loads"
+            f"restore_embeddings on a model sharded by FSDP ({managed[0]!r} is under fully_shard): FSDP holds the "
+            f"compact rows and would put them back into the restored modules. Save the full-vocabulary state dict "
+            f"instead, on every rank: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+            f"cpu_offload=True)), which a plain transformers model loads"
         )

@@ -106,7 +106,8 @@ def test_fsdp2_trains_like_one_process_and_checkpoints_full_vocabulary(name, out
     # One compacted with other used ids (as many: the shapes match) refuses the checkpoint's optimizer state.
     assert "AdamW.step() with optimizer state of another compaction" in result["other_compaction_error"], \
         result["other_compaction_error"]
-    # Restoring while sharded is refused, saying what to do, and changes nothing.
+    # Restoring while sharded is refused (tried after an eval forward, which leaves the root's compact rows
+    # unsharded plain tensors), saying what to do, and changes nothing.
     assert "save the full-vocabulary state dict" in result["restore_error"].lower(), result["restore_error"]
     assert "get_model_state_dict" in result["restore_error"]
     for key, tensor in result["full"].items():

@@ -5,10 +5,9 @@
 Each rank scans its own shard, compacts, shards the layers and the root with `fully_shard`, and trains
 ddp_job.STEPS steps, writing a sharded `torch.distributed.checkpoint` (model and optimizer) after CUT of them.
 Then: the full-vocabulary state dict (rank 0 saves it with save_pretrained), a refused restore_embeddings (and the
-state dict after it), a fresh model resumed from the sharded checkpoint that trains the remaining steps, and one
-compacted with other used ids (as many) that resumes from it, whose optimizer step must refuse the checkpoint's
-optimizer state.
-Rank 0 writes RESULT_DIR/result.pt; RESULT_DIR/pretrained is the plain checkpoint, RESULT_DIR/dcp the sharded one.
+state dict after it; tried after a forward without backward, which leaves the root's compact rows unsharded), a
+fresh model resumed from the sharded checkpoint that trains the remaining steps, and one compacted with other used
+ids (as many) that resumes from it, whose optimizer step must refuse the checkpoint's optimizer state. Rank 0 writes RESULT_DIR/result.pt; RESULT_DIR/pretrained is the plain checkpoint, RESULT_DIR/dcp the sharded one.
 """
 
 import sys
@@ -89,6 +88,8 @@ def main(rank, name, output, result_dir):
     if rank == 0:
         model.save_pretrained(result_dir / "pretrained", state_dict=dict(full))  # it empties the dict it writes
     result = {"used": used, "full": full, "holdings": holdings(model)}
+    with torch.no_grad():  # a forward without backward leaves the root's parameters (the compact rows) unsharded
+        model(input_ids=mine[0])
     try:
         restore_embeddings(model)
         result["restore_error"] = "no error"
