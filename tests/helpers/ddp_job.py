@@ -76,5 +76,6 @@ if __name__ == "__main__":
             _train_job(dist.get_rank(), *sys.argv[2:5])
         else:
             _mismatch_job(dist.get_rank(), sys.argv[2])
+        dist.barrier()  # as in fsdp_job: gloo may abort a rank that tears down while its peer is still busy
     finally:
         dist.destroy_process_group()
