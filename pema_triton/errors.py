@@ -19,6 +19,7 @@ __all__ = [
     "AlreadyCompactedError",
     "NotCompactedError",
     "VocabularySizeError",
+    "ShardedModelError",
     "PemaWarning",
 ]
 
@@ -76,6 +77,10 @@ class NotCompactedError(PemaError):
 
 class VocabularySizeError(PemaError):
     """A checkpoint (or tensor) whose vocabulary size differs from the compacted model's V."""
+
+
+class ShardedModelError(PemaError):
+    """An operation that cannot run while FSDP shards the compact rows (restoring the model)."""
 
 
 class PemaWarning(UserWarning):
