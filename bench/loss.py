@@ -14,6 +14,10 @@ free), and `torch.cuda.max_memory_allocated` above the inputs on a GPU. Time: me
 rounds after a warm-up call.
 
     python bench/loss.py            # writes bench/results/loss_<device>.{json,md}
+    python bench/loss.py --out DIR --budget 360   # (bench/gpu.py head) stops adding cases after 360 s
+
+U comes from bench/.ids (bench/prepare_ids.py) where it was prepared, else from the tokenizer itself. Under
+PEMA_GPU_DRY_RUN=1 (bench/gpu.py --dry-run) one tiny synthetic shape runs two providers: no measurement.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH.parent))  # a bare GPU image runs this without pema_triton installed
 ON_GPU = torch.cuda.is_available()
+DRY_RUN = os.environ.get("PEMA_GPU_DRY_RUN") == "1"
 # (name, tokenizer key for U, V, D, token counts). The CPU runs the PyTorch reference on the smallest real shape.
 SHAPES = [
     ("SmolLM2-135M", "smollm2-135m", 49152, 576, [4096, 16384, 65536] if ON_GPU else [512, 2048]),
@@ -44,10 +50,14 @@ SHAPES = [
 ] if ON_GPU else [])
 PROVIDERS = ["unfused frozen", "restricted", "fused frozen", "fused restricted", "F.linear_cross_entropy",
              "liger", "cut-cross-entropy"]
+if DRY_RUN:  # a check that the script runs (CI), every third id of a 4k vocabulary used: not a model's shape
+    SHAPES, PROVIDERS = [("tiny (dry run)", None, 4096, 64, [64])], ["unfused frozen", "fused frozen"]
 
 
-def _used_ids(tokenizer_key: str, vocab_size: int) -> torch.Tensor:
+def _used_ids(tokenizer_key: str | None, vocab_size: int) -> torch.Tensor:
     """U from the real tokenizer over BBC News (computed by the parent: tokenizing would set the child's peak)."""
+    if tokenizer_key is None:
+        return torch.arange(0, vocab_size, 3)
     sys.path.insert(0, str(BENCH))
     from memory import used_fraction_ids
 
@@ -170,8 +180,9 @@ def table(rows: list[dict]) -> list[str]:
     for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["N"] == row["N"]
                      and r["provider"] == "unfused frozen" and "error" not in r), None)
-        if "error" in row:
-            lines.append(f"| {row['model']} | {row['N']:,} | {row['provider']} | failed: {row['error']} | | | | | |")
+        if "error" in row or "skipped" in row:
+            why = f"failed: {row['error']}" if "error" in row else f"skipped: {row['skipped']}"
+            lines.append(f"| {row['model']} | {row['N']:,} | {row['provider']} | {why} | | | | | |")
             continue
         mem = f"{row['peak_bytes'] / 2**20:,.0f} MiB"
         rel_mem = f"{row['peak_bytes'] / base['peak_bytes']:.1%}" if base else ""
@@ -185,30 +196,40 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--one", nargs=4, metavar=("PROVIDER", "SHAPE", "N", "USED"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=10 if ON_GPU else 3)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default bench/results)")
+    p.add_argument("--stem", help="file name of the results, without suffix (default loss_<device>)")
+    p.add_argument("--budget", type=float, default=float("inf"), help="seconds after which no case is started")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.rounds, args.one[3])))
         return
     rows = []
     scratch = Path(tempfile.mkdtemp())
+    start = time.monotonic()
     for index, (name, key, vocab_size, _, token_counts) in enumerate(SHAPES):
         used_file = scratch / f"used_{index}.pt"
         torch.save(_used_ids(key, vocab_size), used_file)
         for num_tokens in token_counts:
             for provider in filter(available, PROVIDERS):
+                case = {"model": name, "provider": provider, "N": num_tokens}
+                if time.monotonic() - start > args.budget:
+                    rows.append(case | {"skipped": f"time budget of {args.budget:.0f} s spent"})
+                    continue
                 cmd = [sys.executable, __file__, "--one", provider, str(index), str(num_tokens), str(used_file),
                        "--rounds", str(args.rounds)]
-                rows.append(_measure(cmd, {"model": name, "provider": provider, "N": num_tokens}))
+                rows.append(_measure(cmd, case))
                 print(table([r for r in rows if r["model"] == name and r["N"] == num_tokens])[-1], flush=True)
     tag = torch.cuda.get_device_name().replace(" ", "_") if ON_GPU else "cpu"
     env = {"torch": torch.__version__, "device": tag, "python": sys.version.split()[0]}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"loss_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    stem = args.stem or f"loss_{tag}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     lines = [f"# Head + loss, forward + backward ({tag})", "", f"Measured by `python bench/loss.py`; {env}.", "",
              *table(rows)]
-    (RESULTS / f"loss_{tag}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+# The repository root too: a bare GPU image runs this without pema_triton installed.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "examples")]
 import assets  # noqa: E402
 
 from pema_triton import replace_embeddings, scan_vocabulary, special_token_ids  # noqa: E402
@@ -73,7 +74,17 @@ def state_bytes(model, optimizer, device) -> dict[str, int]:
 
 
 def used_fraction_ids(tokenizer_key, vocab_size):
-    """Used ids of the real tokenizer over BBC News, and one batch of real token ids."""
+    """Used ids of the real tokenizer over BBC News, one batch of real token ids, and the tokenizer's size: from
+    bench/.ids where bench/prepare_ids.py made it (a bare GPU image has no tokenizer packages), else tokenized."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ids import MissingIds, load_prepared
+
+    try:
+        prepared = load_prepared(tokenizer_key)
+        used = torch.from_numpy(prepared["used"]).long()
+        return used[used < vocab_size], torch.from_numpy(prepared["batch"]), prepared["vocab_size"]
+    except MissingIds:
+        pass
     tokenizer = assets.load_tokenizer(tokenizer_key)
     (texts, _), _, _ = assets.load_bbc_news(2225, 0)
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
@@ -81,7 +92,7 @@ def used_fraction_ids(tokenizer_key, vocab_size):
                            device="cpu", progress=False)
     used = used[used < vocab_size]
     batch = torch.tensor([row[:SEQ] for row in ids if len(row) >= SEQ][:BATCH])
-    return used, batch
+    return used, batch, len(tokenizer)
 
 
 def fits_here(model_factory, device) -> bool:
@@ -104,7 +115,7 @@ def measure(name, factory, causal, mode, used, batch, device, run):
         model = model.to("meta")
     model.train()
     if mode is not None:
-        replace_embeddings(model, used, output=mode if causal else False)
+        replace_embeddings(model, used, output=mode if causal else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     record = {"model": name, "mode": mode or "none", "ran": run}
     if run:
@@ -138,6 +149,8 @@ def measure(name, factory, causal, mode, used, batch, device, run):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for memory_<device>.{json,md}")
+    p.add_argument("--models", nargs="+", help="only these (bert-base, xlm-roberta-base, Llama-3-8B, Qwen2.5-0.5B)")
     args = p.parse_args(argv)
     import transformers
 
@@ -145,11 +158,13 @@ def main(argv=None):
     device = torch.device(args.device)
     rows = []
     for name, factory, tokenizer_key, causal, note in shapes():
+        if args.models and name not in args.models:
+            continue
         with torch.device("meta"):
             vocab_size = factory().config.vocab_size
-        used, batch = used_fraction_ids(tokenizer_key, vocab_size)
+        used, batch, tokenizer_size = used_fraction_ids(tokenizer_key, vocab_size)
         if tokenizer_key == "qwen2.5-0.5b" and not causal:  # proxy: the same share of a 250k vocabulary
-            share = len(used) / len(assets.load_tokenizer(tokenizer_key))
+            share = len(used) / tokenizer_size
             used = torch.linspace(0, vocab_size - 1, int(share * vocab_size)).long().unique()
             batch = used[torch.randint(0, len(used), (BATCH, SEQ), generator=torch.Generator().manual_seed(0))]
         run = fits_here(factory, device)
@@ -163,9 +178,9 @@ def main(argv=None):
             print(json.dumps(record), flush=True)
 
     tag = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     env = {"device": tag, "torch": torch.__version__, "transformers": transformers.__version__}
-    (RESULTS / f"memory_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    (args.out / f"memory_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     mib = 2**20
     lines = [
         f"One training step (B={BATCH}, T={SEQ}, AdamW, fp32), 2 transformer layers; device {tag}.",
@@ -188,7 +203,7 @@ def main(argv=None):
         "weights can exceed the uncompacted model's; gradients and optimizer state cover only the U used rows.",
     ]
     lines += [""] + [f"- {n}" for n in notes]
-    (RESULTS / f"memory_{tag}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"memory_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from .errors import PemaError, UnsupportedModuleError
 
 _COMPACT_CLASSES: dict[tuple[type, type], type] = {}
+_MADE_FROM: dict[type, tuple[type, type]] = {}  # each class compact_class made -> (compact, original)
 
 
 def compact_class(compact: type, original: type) -> type:
@@ -23,8 +24,22 @@ def compact_class(compact: type, original: type) -> type:
     key = (compact, original)
     if key not in _COMPACT_CLASSES:
         name = f"Compact{original.__name__}"
-        _COMPACT_CLASSES[key] = type(name, (original, compact), {"__module__": compact.__module__})
+        _COMPACT_CLASSES[key] = made = type(name, (original, compact), {"__module__": compact.__module__})
+        _MADE_FROM[made] = key
     return _COMPACT_CLASSES[key]
+
+
+def reduce_compact(module, protocol):
+    """`__reduce_ex__` of the compact modules: a class `compact_class` made exists in no module, so pickle
+    (`torch.save(model)`) cannot name it; such a module is rebuilt from the two classes it was made of, which it
+    can. `copy.deepcopy` goes the same way."""
+    if type(module) not in _MADE_FROM:
+        return object.__reduce_ex__(module, protocol)
+    return _rebuild_compact, _MADE_FROM[type(module)], module.__getstate__()
+
+
+def _rebuild_compact(compact: type, original: type):
+    return object.__new__(compact_class(compact, original))  # pickle then calls __setstate__ with its state
 
 
 def check_convertible(module: nn.Module, compact: type, base: type) -> None:

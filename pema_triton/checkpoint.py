@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from .distributed import placed_like
 from .errors import PemaError, VocabularySizeError
 
 __all__ = ["FullVocabularyCheckpoint", "register_sliced_buffer"]
@@ -70,7 +71,7 @@ class FullVocabularyCheckpoint:
     def _save(self, module, state_dict, prefix, local_metadata, slots):
         for name, slot in slots:
             if prefix + name in state_dict:
-                state_dict[prefix + name] = self.handle.full_tensor(slot)
+                state_dict[prefix + name] = self.handle.full_tensor(slot, state_dict)
 
     def _check_every_shape(self, root, state_dict, prefix, local_metadata, *args):
         # Runs on the root before any submodule loads: a wrong head must not leave the input matrix overwritten.
@@ -103,7 +104,8 @@ class FullVocabularyCheckpoint:
             if module in self.handle.heads:
                 module.output_mode.load_full(module, name, full)
             used = self.handle.compaction.used_ids
-            state_dict[key] = full.index_select(0, used.to(full.device))  # what the compact Parameter loads
+            # What the compact Parameter loads (for FSDP2's DTensor, this rank's shard of it).
+            state_dict[key] = placed_like(full.index_select(0, used.to(full.device)), getattr(module, name))
 
     def _kept_for(self, key, full, slot):
         kept = self.handle.kept(slot)

@@ -6,17 +6,25 @@
   raises `UsedIdsError` naming the ranks that differ, where DDP would fail on a shape in its constructor.
 - DDP leaves the buffers of a compacted model alone: a `frozen` head's [V, D] matrix is identical on every rank
   and never changes, so broadcasting it every forward (`broadcast_buffers=True`, DDP's default) only costs time.
+- FSDP2 (`fully_shard`) shards the compact [U, D] rows like any Parameter, ceil(U / ranks) rows per rank; the
+  buffers (the remap table, a `frozen` head's [V, D] matrix) stay whole on every rank. A state dict still holds
+  each compacted matrix as the full [V, D] tensor under its original name, the same plain tensor on every rank:
+  its compact rows are all-gathered (U x D, where FSDP gathers them every forward anyway) into the kept original,
+  which sits whole on every rank already. So `state_dict()` of a sharded compacted model is a collective that
+  every rank must call, as `torch.distributed.checkpoint` does; a sharded (DCP) checkpoint writes each such
+  tensor once, as a replicated one, and loads the same checkpoint format as one process writes. Restoring while
+  sharded is refused: FSDP would keep putting the compact rows back into the restored modules.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .errors import UsedIdsError
+from .errors import ShardedModelError, UsedIdsError
 
 __all__ = [
     "check_same_used_ids", "in_distributed_job", "keep_buffers_out_of_ddp", "largest_across_ranks",
-    "union_across_ranks",
+    "placed_like", "refuse_sharded_restore", "union_across_ranks", "whole",
 ]
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # DDP reads this attribute of the module it wraps
@@ -89,3 +97,53 @@ def keep_buffers_out_of_ddp(handle) -> None:
              for name, buffer in module._buffers.items() if buffer is not None]
     previous = list(getattr(model, _DDP_IGNORE, []))
     handle.patch(model, _DDP_IGNORE, previous + [n for n in names if n not in previous])
+
+
+def _is_dtensor(tensor) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole on every rank: a DTensor (FSDP2's sharded compact rows) all-gathered, so every rank must
+    call this at the same point; any other tensor as it is."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def placed_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`tensor`, whole and the same on every rank, laid out as `param` is: for a DTensor, this rank's shard, cut
+    out locally (no communication), so `load_state_dict` copies it into FSDP2's shard; else `tensor` itself."""
+    if not _is_dtensor(param):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def refuse_sharded_restore(handle) -> None:
+    """Raises before anything changes if FSDP2 manages a compacted module's compact rows: the module or one of its
+    ancestors is an `FSDPModule` (`fully_shard` manages every Parameter below it that no nested call claims). Not
+    "is the weight a DTensor": after a forward without backward the root's rows stay unsharded, plain tensors."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    model = handle.model
+    sharded = [path for path, module in model.named_modules() if isinstance(module, FSDPModule)]
+    compacted = [path for path, module in model.named_modules()
+                 if any(module is m for m in handle.embeddings + handle.heads)]
+    managed = [c for c in compacted if any(s == "" or c == s or c.startswith(s + ".") for s in sharded)]
+    if managed:
+        raise ShardedModelError(
+            f"restore_embeddings on a model sharded by FSDP ({managed[0]!r} is under fully_shard): FSDP holds the "
+            f"compact rows and would put them back into the restored modules. Save the full-vocabulary state dict "
+            f"instead, on every rank: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+            f"cpu_offload=True)), which a plain transformers model loads"
+        )

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows
+from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows, reduce_compact
 from .errors import UnsupportedModuleError
 from .guards import check_managed, mark_compacted
 from .id_check import BadIdWatch, check_ids_option
@@ -192,6 +192,8 @@ class CompactEmbedding(nn.Embedding):
     def merge_into(self, full_weight: torch.Tensor) -> torch.Tensor:
         """Writes the trained rows into `full_weight` [V, D] in place (other rows untouched); returns it."""
         return merge_rows(full_weight, self.used_ids, self.weight, self.num_embeddings, "full_weight")
+
+    __reduce_ex__ = reduce_compact  # torch.save(model) of a subclass compacted in place
 
     def extra_repr(self) -> str:
         s = f"num_embeddings={self.num_embeddings}, num_used={self.num_used}, embedding_dim={self.embedding_dim}"

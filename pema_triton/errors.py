@@ -20,6 +20,7 @@ __all__ = [
     "NotCompactedError",
     "VocabularySizeError",
     "SaveDirectoryError",
+    "ShardedModelError",
     "PemaWarning",
 ]
 
@@ -81,6 +82,10 @@ class VocabularySizeError(PemaError):
 
 class SaveDirectoryError(PemaError, FileExistsError):
     """`save_trimmed` into a directory that exists and is not empty (pass `overwrite=True` to replace it)."""
+
+
+class ShardedModelError(PemaError):
+    """An operation that cannot run while FSDP shards the compact rows (restoring the model)."""
 
 
 class PemaWarning(UserWarning):

@@ -13,6 +13,10 @@
   (a copy of one) refuses to run. Copying the whole model (EMA) copies its handle, which registers the copies.
 - A model whose full-vocabulary logits come out U columns wide: its forward reads the compacted matrix directly
   instead of calling the head module.
+- Changing a compacted model's vocabulary or embedding modules: `resize_token_embeddings` would resize the
+  compact [U, D] matrix as if it were the full [V, D] one (and set `config.vocab_size` from U), and
+  `set_input_embeddings` / `set_output_embeddings` would put in a module that restore never merges into; the
+  trained rows could no longer be merged back. Each refuses while the model is compacted.
 
 A global optimizer step pre-hook checks the first two before any weight moves: a loop over the optimizer's
 parameters, an attribute read each, plus a shape check of the (two or three) compact rows' state.
@@ -25,16 +29,22 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .errors import PemaError
+from .errors import AlreadyCompactedError, PemaError
 
 __all__ = [
-    "check_full_vocabulary_logits", "check_managed", "mark_compacted", "mark_stale", "register_managed",
-    "release_managed", "unmark_stale",
+    "check_full_vocabulary_logits", "check_managed", "mark_compacted", "mark_stale", "refuse_vocabulary_changes",
+    "register_managed", "release_managed", "unmark_stale",
 ]
+
+# Methods of a Hugging Face model that change its vocabulary or swap its embedding modules.
+_VOCABULARY_CHANGES = ("resize_token_embeddings", "set_input_embeddings", "set_output_embeddings")
 
 _STALE = "_pema_stale"  # attribute on a Parameter that must not be stepped: why, as the error message
 _COMPACTION = "_pema_compaction"  # attribute on a compact Parameter: its compaction's fingerprint
-_RECORD = "pema_compactions"  # key of a saved param group: {position in the group: fingerprint}
+# Key of a saved param group: {str(position in the group): fingerprint}. String keys, as a JSON or
+# torch.distributed.checkpoint round trip makes them: DCP loads a checkpoint's record over the one in the state
+# dict it loads into (the resumed model's own) only where the keys are equal, and an int key would survive it.
+_RECORD = "pema_compactions"
 _RECORDING = "_pema_recording"  # attribute on an optimizer whose state_dict records fingerprints
 
 
@@ -42,13 +52,29 @@ _MANAGED = "_pema_managed"  # attribute on a module replace_embeddings converted
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> each managed module that may run
 
 
+_MARKS = "_pema_marks"  # attribute on a managed module: {Parameter name: fingerprint} of its compact Parameters
+
+
 def register_managed(module) -> None:
     setattr(module, _MANAGED, True)
+    setattr(module, _MARKS, {name: getattr(p, _COMPACTION) for name, p in module._parameters.items()
+                             if hasattr(p, _COMPACTION)})
     _LIVE[id(module)] = module
+
+
+def _mark_replaced_parameters() -> None:
+    """Marks the compact Parameters a wrapper put in place of the marked ones: FSDP2's `fully_shard` replaces
+    each with a sharded DTensor Parameter of its own, which the optimizer then holds. A few modules per step."""
+    for module in list(_LIVE.values()):
+        for name, fingerprint in module.__dict__.get(_MARKS, {}).items():
+            param = module._parameters.get(name)
+            if param is not None and getattr(param, _COMPACTION, None) != fingerprint:
+                mark_compacted(param, fingerprint)
 
 
 def release_managed(module) -> None:
     module.__dict__.pop(_MANAGED, None)
+    module.__dict__.pop(_MARKS, None)
     if _LIVE.get(id(module)) is module:
         del _LIVE[id(module)]
 
@@ -83,6 +109,7 @@ def unmark_stale(param: torch.Tensor | None) -> None:
 
 def _check_optimizer_step(optimizer, args, kwargs):
     name = type(optimizer).__name__
+    _mark_replaced_parameters()
     for group in optimizer.param_groups:
         recorded = group.get(_RECORD)  # present once a state dict written under a compaction was loaded
         for position, param in enumerate(group["params"]):
@@ -90,7 +117,7 @@ def _check_optimizer_step(optimizer, args, kwargs):
             if why is not None:
                 raise PemaError(f"{name}.step() over a parameter that does not train: {why}")
             mine = getattr(param, _COMPACTION, None)
-            theirs = recorded.get(position, recorded.get(str(position))) if recorded is not None else None
+            theirs = recorded.get(str(position), recorded.get(position)) if recorded is not None else None
             if recorded is not None and mine != (tuple(theirs) if theirs is not None else None):
                 raise PemaError(f"{name}.step() with optimizer state of another compaction: {_describe(theirs, mine)}")
             if mine is not None:
@@ -127,7 +154,7 @@ def _describe(theirs, mine) -> str:
 def _record_compactions(optimizer, state_dict):
     """Optimizer state-dict post-hook: each saved group records the fingerprints of its compact parameters."""
     for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
-        record = {i: getattr(p, _COMPACTION) for i, p in enumerate(group["params"]) if hasattr(p, _COMPACTION)}
+        record = {str(i): getattr(p, _COMPACTION) for i, p in enumerate(group["params"]) if hasattr(p, _COMPACTION)}
         if record:
             saved[_RECORD] = record
     return state_dict
@@ -152,3 +179,25 @@ def check_full_vocabulary_logits(handle, model, args, output) -> None:
         f"embedding or head module. Compute the logits with the model's output embedding module, or use "
         f"output='restricted' if U columns are what you want"
     )
+
+
+class _RefusedWhileCompacted:
+    """`model.<name>` while the model is compacted: raises instead of changing the vocabulary or the modules."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise AlreadyCompactedError(
+            f"{self.name}() on a compacted model would change the [U, D] compact matrices or the modules that "
+            f"restore_embeddings merges the trained rows back from, and lose them. Call restore_embeddings(model) "
+            f"first (the trained rows merge into the full matrices), then {self.name}(), then scan and "
+            f"replace_embeddings again"
+        )
+
+
+def refuse_vocabulary_changes(handle) -> None:
+    """Makes each vocabulary-changing method of the model raise until restore (an instance attribute undo removes)."""
+    for name in _VOCABULARY_CHANGES:
+        if callable(getattr(handle.model, name, None)):
+            handle.patch(handle.model, name, _RefusedWhileCompacted(name))

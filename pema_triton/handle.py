@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
+from .distributed import refuse_sharded_restore, whole
 from .errors import NotCompactedError
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
@@ -101,7 +102,11 @@ class PemaHandle:
         self.bias_aliases: list[tuple[nn.Module, str]] = []
         self.params_before = self.params_after = self.state_bytes_before = self.state_bytes_after = 0
         self._undo_steps: list[Callable[[], None]] = []
-        self._full_cache: dict = {}
+        self._full_cache: tuple[dict | None, dict] = (None, {})  # (the state dict being filled, its tensors)
+
+    def __getstate__(self) -> dict:
+        # A copy (EMA, pickling) leaves out the tensors of the last state dict filled: not part of the compaction.
+        return {**self.__dict__, "_full_cache": (None, {})}
 
     def __setstate__(self, state: dict) -> None:
         # A deep copy (or unpickling) of a compacted model: its copied modules are the ones that may run now.
@@ -182,23 +187,27 @@ class PemaHandle:
         return self.used_ids.to(columns.device)[columns]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
-    def full_tensor(self, slot: str) -> torch.Tensor:
+    def full_tensor(self, slot: str, state_dict: dict) -> torch.Tensor:
         """The full-vocabulary tensor of `slot` with the trained rows merged into the kept original, in the trained
-        Parameter's dtype.
+        Parameter's dtype, for the state dict `state_dict` being filled.
 
-        One tensor object per matrix and version, so tied names in a state dict share storage as they did.
+        Built afresh for each state dict and once within it, so tied names share one tensor as they did. Not
+        cached across state dicts by version counter: fused AdamW (`torch._fused_adamw_`, the Trainer's default
+        optimizer) updates the compact rows without bumping it, and every checkpoint after the first held the
+        rows of the first.
         """
-        kept, trained = self.kept(slot), self._trained(slot)
-        key = (slot, trained._version, kept.param._version, trained.dtype)
-        if key not in self._full_cache:
-            if len(self._full_cache) > 8:  # stale versions of the matrices
-                self._full_cache.clear()
+        owner, built = self._full_cache
+        if owner is not state_dict:
+            built = {}
+            self._full_cache = (state_dict, built)  # held until the next state dict, or restore
+        if slot not in built:
+            kept, trained = self.kept(slot), self._trained(slot).detach()
             # In the dtype the model has now (`model.to(torch.bfloat16)` after replace converts only the compact
             # Parameters), so a checkpoint holds what the uncompacted model would save; on the kept matrix's device.
             full = kept.param.detach().to(trained.dtype, copy=True)
-            full.index_copy_(0, self.used_ids.to(full.device), trained.detach().to(full))
-            self._full_cache[key] = full
-        return self._full_cache[key]
+            full.index_copy_(0, self.used_ids.to(full.device), whole(trained).to(full))  # FSDP2: all-gathered
+            built[slot] = full
+        return built[slot]
 
     def _trained(self, slot: str) -> nn.Parameter:
         if slot == INPUT:
@@ -214,9 +223,11 @@ class PemaHandle:
 
         Raises:
             NotCompactedError: this handle was restored already.
+            ShardedModelError: FSDP shards the compact rows (save the full state dict instead).
         """
         if get_handle(self.model) is not self:
             raise NotCompactedError(f"{type(self.model).__name__} is not compacted by this handle: nothing to restore")
+        refuse_sharded_restore(self)
         self.undo(merge=True)
         delattr(self.model, _HANDLE_ATTR)
         return self.model
@@ -237,7 +248,7 @@ class PemaHandle:
                 kept.follow(compact)
         self._uncompact_heads(merge)
         self._uncompact_embeddings(merge)
-        self._full_cache.clear()
+        self._full_cache = (None, {})
 
     def _uncompact_heads(self, merge: bool) -> None:
         if not self.heads:

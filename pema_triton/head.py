@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows
+from ._compact_module import check_convertible, compact_class, compact_parameter, merge_rows, reduce_compact
 from .errors import PemaError
 from .guards import check_managed, mark_compacted
 from .modes import OutputMode, head_mode
@@ -148,6 +148,8 @@ class CompactLMHead(nn.Linear):
                 raise PemaError("this head has a bias: pass full_bias [V] to merge_into so its trained entries land")
             merge_rows(full_bias, self.used_ids, self.bias, self.num_embeddings, "full_bias")
         return full_weight
+
+    __reduce_ex__ = reduce_compact  # torch.save(model) of a subclass compacted in place
 
     def extra_repr(self) -> str:
         return (

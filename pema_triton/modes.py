@@ -192,6 +192,10 @@ class _InContext:
         with self.context():
             return self.method(*args, **kwargs)
 
+    def __reduce__(self):
+        # Not the attributes update_wrapper copied (`__annotations__` holds ForwardRefs that cannot be pickled).
+        return _InContext, (self.method, self.context)
+
 
 def _wrap_method(handle, name: str, context) -> None:
     """Makes `model.<name>` run inside `context()`, as an instance attribute that undo removes."""

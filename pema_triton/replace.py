@@ -24,6 +24,7 @@ from .checkpoint import FullVocabularyCheckpoint
 from .distributed import check_same_used_ids, in_distributed_job, keep_buffers_out_of_ddp
 from .embedding import CompactEmbedding
 from .errors import AlreadyCompactedError, NotCompactedError, PemaError, PemaWarning, UnsupportedModuleError
+from .guards import refuse_vocabulary_changes
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
 from .id_check import check_ids_option
@@ -108,6 +109,7 @@ def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None
         _convert_heads(handle, targets)
         probe.check(handle)
         handle.output_mode.patch_model(handle)
+        refuse_vocabulary_changes(handle)
         FullVocabularyCheckpoint(handle).register()
         keep_buffers_out_of_ddp(handle)
         handle.offload(offload)

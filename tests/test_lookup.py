@@ -243,3 +243,23 @@ def test_custom_ops_trace_under_torch_compile(backend):
     (grad_compiled,) = torch.autograd.grad(compiled(weight), weight)
     (grad_eager,) = torch.autograd.grad(step(weight), weight)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a CUDA device beside the current one (2 GPUs)")
+@pytest.mark.parametrize("method", ["atomic", "sorted"])
+def test_kernels_launch_on_their_tensors_device_not_the_current_one(method):
+    """Triton launches on the current device: tensors on cuda:1 with cuda:0 current (a model spread over GPUs in
+    one process, `device_map="auto"`) need the launchers' device guard."""
+    device = torch.device("cuda", 1)
+    used, remap, ids = make_case(300, 37, (4, 33), "random", torch.int64, device)
+    weight = torch.randn(37, 97, device=device, requires_grad=True)
+    grad_out = torch.randn(4, 33, 97, device=device)
+    with torch.cuda.device(0):
+        out = pema_triton.compact_embedding(ids, remap, weight, backend="triton", method=method)
+        out.backward(grad_out)
+        byte_map = torch.zeros(300, dtype=torch.uint8, device=device)
+        pema_triton.scan_ids(ids, byte_map, backend="triton")
+    assert torch.equal(out, F.embedding(remap[ids].long(), weight))
+    torch.testing.assert_close(weight.grad, reference.lookup_backward(grad_out, ids, remap, 37),
+                               **scatter_tolerance(grad_out, ids, torch.float32))
+    assert torch.equal(torch.nonzero(byte_map).flatten(), torch.unique(ids))

@@ -418,3 +418,82 @@ def test_peft_lora_with_compacted_embeddings_trains_them():
     unused[used] = False
     assert torch.equal(trained[unused], before["model.embed_tokens.weight"][unused])
     assert not torch.equal(trained[used], before["model.embed_tokens.weight"][used])
+
+
+# -- changing the vocabulary or the embedding modules while compacted -------------------------------------------
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2"])
+def test_vocabulary_changes_are_refused_while_compacted_and_allowed_after_restore(name):
+    """`resize_token_embeddings` used to resize the [U, D] matrix as if it were [V, D] (and set vocab_size from U),
+    after which restore failed with an IndexError; swapping an embedding module left the trained rows in a module
+    restore merges from but the model no longer holds."""
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.5)  # "trained" rows
+    trained = _snapshot(model)
+
+    calls = [("resize_token_embeddings", (tiny_models.V + 8,)),
+             ("set_input_embeddings", (torch.nn.Embedding(tiny_models.V, 32),)),
+             ("set_output_embeddings", (torch.nn.Linear(32, tiny_models.V, bias=False),))]
+    for method, args in calls:
+        with pytest.raises(PemaError, match=rf"{method}\(\) on a compacted model .* restore_embeddings\(model\) first"):
+            getattr(model, method)(*args)
+    _assert_state(model, trained)
+    assert model.config.vocab_size == tiny_models.V
+    logits = model(input_ids=ids).logits
+    model.tie_weights()  # transformers calls it itself (loading, resizing): a compacted model keeps what it has
+    assert torch.equal(model(input_ids=ids).logits, logits)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (name == "gpt2")
+
+    restore_embeddings(model)
+    _assert_state(model, trained)  # every trained row merged back
+    model.resize_token_embeddings(tiny_models.V + 8)  # the model's own method again
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == tiny_models.V + 8
+
+
+# -- pickling the whole model ------------------------------------------------------------------------------------
+_LOAD_RESTORE_SAVE = """
+import sys, torch
+from pema_triton import get_handle, restore_embeddings
+model = torch.load(sys.argv[1], weights_only=False)
+assert get_handle(model) is not None
+logits = model(**torch.load(sys.argv[2])).logits
+restore_embeddings(model)
+torch.save({"logits": logits, "state": model.state_dict()}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("name, output, fresh_process", [("gpt2", "frozen", False),
+                                                         ("gemma-scaled-embedding", "restricted", False),
+                                                         ("bart-logits-bias", "frozen", True)])
+def test_torch_save_of_a_compacted_model_loads_and_restores(name, output, fresh_process, tmp_path):
+    """`torch.save(model)` used to fail ("Can't pickle local object", "cannot pickle code objects"). Gemma's and
+    BART's embeddings are subclasses compacted in place, whose compact class exists in no module: a fresh process
+    must make it again to load one."""
+    import subprocess
+    import sys
+
+    model = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, output=output)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.5)  # "trained" rows
+    batch = {"input_ids": ids} | ({"decoder_input_ids": ids} if name.startswith("bart") else {})
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(batch, tmp_path / "batch.pt")
+    files = [str(tmp_path / f) for f in ("model.pt", "batch.pt", "out.pt")]
+    if fresh_process:
+        result = subprocess.run([sys.executable, "-c", _LOAD_RESTORE_SAVE, *files], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        copy_ = torch.load(files[0], weights_only=False)
+        logits = copy_(**batch).logits
+        restore_embeddings(copy_)
+        torch.save({"logits": logits, "state": copy_.state_dict()}, files[2])
+
+    loaded = torch.load(tmp_path / "out.pt")
+    assert torch.equal(loaded["logits"], model(**batch).logits)
+    restore_embeddings(model)
+    _assert_state(model, loaded["state"])  # the loaded copy merged the same trained rows back

@@ -28,8 +28,12 @@ def batches(used, rank=None):
     return steps if rank is None else [step[rank * ROWS:(rank + 1) * ROWS] for step in steps]
 
 
-def train(model, steps, step_fn=None):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+def adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+
+
+def train(model, steps, step_fn=None, optimizer=None):
+    optimizer = optimizer or adamw(model)
     for batch in steps:
         (step_fn or model)(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
@@ -72,5 +76,6 @@ if __name__ == "__main__":
             _train_job(dist.get_rank(), *sys.argv[2:5])
         else:
             _mismatch_job(dist.get_rank(), sys.argv[2])
+        dist.barrier()  # as in fsdp_job: gloo may abort a rank that tears down while its peer is still busy
     finally:
         dist.destroy_process_group()

@@ -10,4 +10,8 @@ ON_GPU = DEVICE.type == "cuda"
 # Backends every op test compares: the reference always, Triton where it can run (GPU, or the interpreter).
 BACKENDS = ["torch"] + (["triton"] if pema_triton.resolve_backend("auto", DEVICE) == "triton" else [])
 
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+def gpu_only(test):
+    """Marks a test `gpu` (so `pytest -m gpu` and `scripts/gpu.sh tests` select it) and skips it without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")(test))

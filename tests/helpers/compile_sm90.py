@@ -1,0 +1,93 @@
+"""Compiles every Triton kernel of pema_triton for Hopper (sm_90) with Triton's bundled ptxas, no GPU needed, and
+prints one JSON line per kernel: registers, local memory (spills) and the atomic / fence instructions in its SASS.
+
+    python tests/helpers/compile_sm90.py      # TRITON_INTERPRET must be unset: the interpreter compiles nothing
+
+Signatures and tile sizes are the launchers' GPU choices (kernels/*.py), in the dtypes training uses.
+"""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# The modules, not the launchers pema_triton.kernels re-exports under the same names (`lookup`).
+linear_ce, lookup, scan, scatter = (importlib.import_module(f"pema_triton.kernels.{m}")
+                                    for m in ("linear_ce", "lookup", "scan", "scatter"))
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _kernels():
+    """(name, jit function, {arg: type}, {constexpr: value}) for each kernel and training dtype."""
+    for dt in ("bf16", "fp32"):
+        p = f"*{dt}"
+        yield (f"lookup-{dt}", lookup._lookup_kernel, {"ids_ptr": "*i64", "remap_ptr": "*i32", "weight_ptr": p,
+               "out_ptr": p, "num_bad_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32"},
+               {"BLOCK_N": 8, "BLOCK_D": 512})
+        yield (f"scatter-atomic-{dt}", scatter._scatter_atomic_kernel, {"grad_out_ptr": p, "ids_ptr": "*i64",
+               "remap_ptr": "*i32", "acc_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "padding_row": "i32"},
+               {"BLOCK_N": 8, "BLOCK_D": 512})
+        blocks = scatter.sorted_blocks(2**20, 4096)
+        yield (f"scatter-sorted-{dt}", scatter._scatter_sorted_kernel, {"grad_out_ptr": p, "sorted_rows_ptr": "*i32",
+               "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32", "partial_ptr": "*fp32",
+               "grad_weight_ptr": p, "N": "i32", "D": "i32"},
+               {"TILES": blocks["TILES"], "BLOCK_T": blocks["BLOCK_T"], "BLOCK_D": blocks["BLOCK_D"],
+                "ACC_DTYPE": tl.float32})
+        yield (f"scatter-sorted-fixup-{dt}", scatter._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
+               "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "C": "i32", "D": "i32"},
+               {"BLOCK_K": blocks["BLOCK_K"], "BLOCK_D": blocks["BLOCK_D"]})
+        tdt = {"bf16": tl.bfloat16, "fp32": tl.float32}[dt]
+        head = {"hidden_ptr": p, "weight_ptr": p, "frozen_ptr": p, "remap_ptr": "*i32", "targets_ptr": "*i64"}
+        consts = {"V": 128_256, "D": 4096, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "IN_DTYPE": tdt,
+                  "DOT_DTYPE": tdt, "ACC_DTYPE": tl.float32, "PRECISION": "ieee"}
+        yield (f"linear-ce-forward-{dt}", linear_ce._forward_kernel, head | {"loss_ptr": "*fp32", "lse_ptr": "*fp32",
+               "N": "i32"}, consts | {"IGNORE": -100})
+        yield (f"linear-ce-backward-{dt}", linear_ce._backward_kernel, head | {"lse_ptr": "*fp32",
+               "grad_loss_ptr": "*fp32", "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "N": "i32"}, consts)
+    for ids in ("i32", "i64"):
+        yield (f"scan-{ids}", scan._scan_kernel, {"ids_ptr": f"*{ids}", "byte_map_ptr": "*u8", "counts_ptr": "*i64",
+               "num_bad_ptr": "*i32", "N": "i32", "V": "i32", "ignore_index": "i32"},
+               {"HAS_COUNTS": True, "HAS_IGNORE": True, "BLOCK": 4096})
+    yield ("scan-packed", scan._scan_packed_kernel, {"ids_ptr": "*i64", "words_ptr": "*i32", "num_bad_ptr": "*i32",
+           "N": "i32", "V": "i32"}, {"BLOCK": 4096})
+
+
+def _compile(fn, types: dict, constexprs: dict) -> dict:
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+            "memory_ops": sorted(set(re.findall(r"\b((?:REDG|ATOMG|RED|ATOM|MEMBAR)\.[\w.]+|MEMBAR)", sass)))}
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
+        return 2
+    for name, fn, types, constexprs in _kernels():
+        try:
+            print(json.dumps({"kernel": name, **_compile(fn, types, constexprs)}), flush=True)
+        except Exception as error:  # noqa: BLE001 - each kernel's failure is reported, the rest still compile
+            print(json.dumps({"kernel": name, "error": f"{type(error).__name__}: {str(error)[:2000]}"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
