@@ -2,6 +2,8 @@
 
 Part 1, encoder: all-MiniLM-L6-v2 (BERT) fine-tuned to classify BBC News into 5 topics, plain full fine-tuning
 against PEMA on the input embedding. The restored PEMA model must equal the fully fine-tuned one.
+Then the PEMA classifier is deployed: `save_trimmed` writes it with only the token rows its data uses (and the
+tokenizer cut to match), and plain transformers reloads it; its size and test accuracy print next to the full model's.
 Part 2, causal LM: SmolLM2-135M-Instruct (Llama, tied embeddings) fine-tuned on BBC News text with its input and
 output embeddings compacted, in both output modes, next to full fine-tuning and next to the exact baseline of
 each mode in plain PyTorch (full fine-tuning with the unused rows frozen by a gradient hook, for `restricted`
@@ -30,7 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from assets import load_text_classification, minilm_dir, smollm2_dir  # noqa: E402
 
 import pema_triton  # noqa: E402
-from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids  # noqa: E402
+from pema_triton import (  # noqa: E402
+    replace_embeddings,
+    restore_embeddings,
+    save_trimmed,
+    scan_vocabulary,
+    special_token_ids,
+)
 
 MIB = 2**20
 
@@ -54,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--lm-lr", type=float, default=1e-4)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deploy-dir", default=None, help="where the trimmed classifier is written (default: a temp dir)")
     return p.parse_args(argv)
 
 
@@ -184,6 +193,7 @@ def encoder_part(args, device, meter):
     warm_up(AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(topics)).to(device), batches[0],
             lambda m, b: m(**b).loss)
     runs, models = {}, {}
+    deploy = None
     for name, pema in (("full fine-tuning", False), ("PEMA (input embedding)", True)):
         torch.manual_seed(args.seed)  # the same fresh classifier head and dropout masks in both runs
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(topics)).to(device)
@@ -191,6 +201,7 @@ def encoder_part(args, device, meter):
             print(replace_embeddings(model, used))
         runs[name] = train(model, batches, lambda m, b: m(**b).loss, args.lr, device, meter)
         if pema:
+            deploy = deploy_trimmed(args, model, tokenizer)  # while compacted: save_trimmed takes its used ids
             restore_embeddings(model)  # trained rows merged back into the full matrix, the original module back
         model.eval()
         with torch.no_grad():
@@ -205,7 +216,44 @@ def encoder_part(args, device, meter):
     name = args.model or "all-MiniLM-L6-v2"
     print_table(f"Part 1: {name} on {data} ({args.train} train / {args.test} test)", runs,
                 "test accuracy", len(tokenizer), used.numel())
+    print_deploy(deploy, tokenizer, test_x, test_y, args)
     return runs
+
+
+def deploy_trimmed(args, model, tokenizer) -> dict:
+    """Writes the compacted classifier twice: full size (`save_pretrained`) and trimmed (`save_trimmed`)."""
+    import tempfile
+
+    root = args.deploy_dir or tempfile.mkdtemp(prefix="pema_deploy_")
+    full_dir, trimmed_dir = os.path.join(root, "full"), os.path.join(root, "trimmed")
+    model.save_pretrained(full_dir)  # a compacted model saves full-vocabulary matrices
+    tokenizer.save_pretrained(full_dir)
+    kept = save_trimmed(model, tokenizer, trimmed_dir, overwrite=True)
+    return {"full": full_dir, "trimmed": trimmed_dir, "kept": kept}
+
+
+def _folder_mib(folder) -> float:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / MIB
+
+
+def print_deploy(deploy, tokenizer, test_x, test_y, args):
+    """Reloads both directories with plain transformers (AutoModel*, AutoTokenizer) and prints size and accuracy."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    print(f"\nDeploy: save_trimmed keeps {len(deploy['kept']):,} of {len(tokenizer):,} token ids (the used ids, "
+          f"the special tokens and every single-character piece)\n")
+    print("| model | files | vocabulary | test accuracy |\n|---|---:|---:|---:|")
+    for name in ("full", "trimmed"):
+        folder = deploy[name]
+        tok = AutoTokenizer.from_pretrained(folder)
+        clf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(test_x), args.batch_size):
+                enc = tok(test_x[i : i + args.batch_size], truncation=True, max_length=args.max_length,
+                          padding=True, return_tensors="pt")
+                correct += int((clf(**enc).logits.argmax(-1) == torch.tensor(test_y[i : i + args.batch_size])).sum())
+        print(f"| {name} | {_folder_mib(folder):,.1f} MiB | {clf.config.vocab_size:,} | {correct / len(test_x):.4f} |")
 
 
 def lm_part(args, device, meter):

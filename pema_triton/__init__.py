@@ -12,6 +12,7 @@ from .errors import (
     PemaDTypeError,
     PemaError,
     PemaWarning,
+    SaveDirectoryError,
     ShardedModelError,
     TokenIdError,
     UnsupportedModuleError,
@@ -26,6 +27,7 @@ from .modes import OutputMode
 from .ops import HAS_TRITON, compact_embedding, compact_embedding_backward, resolve_backend, scan_ids
 from .remap import Compaction, build_remap
 from .replace import replace_embeddings, restore_embeddings
+from .trim import save_trimmed
 from .vocab import VocabularyScan, scan_vocabulary, special_token_ids
 
 __version__ = "0.1.0"
@@ -44,6 +46,7 @@ __all__ = [
     "PemaError",
     "PemaHandle",
     "PemaWarning",
+    "SaveDirectoryError",
     "ShardedModelError",
     "TokenIdError",
     "UnsupportedModuleError",
@@ -58,6 +61,7 @@ __all__ = [
     "replace_embeddings",
     "resolve_backend",
     "restore_embeddings",
+    "save_trimmed",
     "scan_ids",
     "scan_vocabulary",
     "special_token_ids",

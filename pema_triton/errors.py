@@ -19,6 +19,7 @@ __all__ = [
     "AlreadyCompactedError",
     "NotCompactedError",
     "VocabularySizeError",
+    "SaveDirectoryError",
     "ShardedModelError",
     "PemaWarning",
 ]
@@ -77,6 +78,10 @@ class NotCompactedError(PemaError):
 
 class VocabularySizeError(PemaError):
     """A checkpoint (or tensor) whose vocabulary size differs from the compacted model's V."""
+
+
+class SaveDirectoryError(PemaError, FileExistsError):
+    """`save_trimmed` into a directory that exists and is not empty (pass `overwrite=True` to replace it)."""
 
 
 class ShardedModelError(PemaError):

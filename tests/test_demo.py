@@ -41,3 +41,11 @@ def test_demo_runs_and_pema_equals_its_baselines():
     assert baseline == "hook + mask baseline" and restricted < 1e-3 and full > 0
     full, fused, baseline = differences("PEMA frozen + fused loss")  # no logits: the frozen objective, round-off
     assert baseline == "hook baseline" and fused < 1e-3 and full > 0
+
+    # Deploy: the trimmed classifier reloads in plain transformers, smaller, with the full model's test accuracy.
+    deploy = re.findall(r"^\| (full|trimmed) \| ([\d.,]+) MiB \| ([\d,]+) \| ([\d.]+) \|$", out, re.M)
+    rows = {name: cells for name, *cells in deploy}
+    (full_mib, full_vocab, full_acc), (trim_mib, trim_vocab, trim_acc) = rows["full"], rows["trimmed"]
+    assert float(trim_acc) == float(full_acc)
+    assert float(trim_mib.replace(",", "")) < float(full_mib.replace(",", ""))
+    assert int(trim_vocab.replace(",", "")) < int(full_vocab.replace(",", ""))
