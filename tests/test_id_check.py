@@ -73,16 +73,21 @@ def test_compiled_forward_has_no_graph_break_and_is_checked_later(backend):
         emb.check_bad_ids()
 
 
-def test_handle_checks_every_compacted_embedding():
+def _compacted_tiny_llama():
+    """(model, handle, a batch of used ids, an unused id) of a tiny Llama compacted with the asynchronous check."""
     pytest.importorskip("transformers")
     from helpers import tiny_models
 
     model = tiny_models.build("llama-untied")
     used, batch = tiny_models.used_ids_and_batch(model)
     handle = replace_embeddings(model, used, check_ids="async")
+    return model, handle, batch, next(i for i in range(tiny_models.V) if i not in set(used.tolist()))
+
+
+def test_handle_checks_every_compacted_embedding():
+    model, handle, batch, unused = _compacted_tiny_llama()
     model(input_ids=batch)
     handle.check_ids()
-    unused = next(i for i in range(tiny_models.V) if i not in set(used.tolist()))
     model(input_ids=torch.tensor([[unused]]))
     with pytest.raises(UnusedIdError, match=rf"\[{unused}\]"):
         handle.check_ids()
@@ -127,15 +132,9 @@ def test_cuda_graph_captures_a_training_step_and_the_check_sees_replays():
 
 
 def test_pema_callback_checks_at_log_save_and_end_and_can_skip_step_syncs():
-    pytest.importorskip("transformers")
-    from helpers import tiny_models
-
+    model, _, batch, unused = _compacted_tiny_llama()
     from pema_triton.hf import PemaCallback
 
-    model = tiny_models.build("llama-untied")
-    used, batch = tiny_models.used_ids_and_batch(model)
-    replace_embeddings(model, used, check_ids="async")
-    unused = next(i for i in range(tiny_models.V) if i not in set(used.tolist()))
     callback = PemaCallback(time_steps=False)
     callback.on_step_begin(None, None, None)
     callback.on_step_end(None, None, None)
