@@ -497,3 +497,28 @@ def test_torch_save_of_a_compacted_model_loads_and_restores(name, output, fresh_
     assert torch.equal(loaded["logits"], model(**batch).logits)
     restore_embeddings(model)
     _assert_state(model, loaded["state"])  # the loaded copy merged the same trained rows back
+
+
+# -- used ids in every form a user has them ---------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["tensor", "list", "tuple", "set", "range", "numpy", "generator", "dict keys"])
+def test_used_ids_from_any_integer_iterable(form):
+    import numpy as np
+
+    from pema_triton import Compaction
+
+    ids = [3, 5, 6, 9]
+    given = {"tensor": torch.tensor(ids), "list": ids, "tuple": tuple(ids), "set": set(ids), "range": range(3, 10),
+             "numpy": np.array(ids, dtype=np.int32), "generator": (i for i in ids),
+             "dict keys": dict.fromkeys(ids).keys()}[form]
+    expected = list(range(3, 10)) if form == "range" else ids
+    assert Compaction.of(given, 12).used_ids.tolist() == expected
+
+
+@pytest.mark.parametrize("bad", ["abc", [1.0, 2.0], "numpy floats", None, 3, [[1, 2]]])
+def test_used_ids_that_are_not_integer_ids_are_a_used_ids_error(bad):
+    import numpy as np
+
+    from pema_triton import Compaction, UsedIdsError
+
+    with pytest.raises(UsedIdsError, match="used_ids must be"):
+        Compaction.of(np.array([1.5, 2.0]) if bad == "numpy floats" else bad, 12)
