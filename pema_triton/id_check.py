@@ -36,7 +36,8 @@ _MAX_PENDING = 4
 
 def check_ids_option(check_ids) -> bool | str:
     """Validates a `check_ids=` value: True (asynchronous on CUDA), "sync", "async" (also on CPU) or False."""
-    if check_ids not in CHECK_IDS or isinstance(check_ids, int) and not isinstance(check_ids, bool):
+    # 1 == True, so `in` alone would take 1 and 0 as well.
+    if check_ids not in CHECK_IDS or (isinstance(check_ids, int) and not isinstance(check_ids, bool)):
         raise PemaError(f"check_ids must be one of {CHECK_IDS}, got {check_ids!r}")
     return check_ids
 

@@ -10,7 +10,7 @@ Notation: V the original vocabulary size, U the number of used ids, N the number
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 import json
 import os
 import zlib
@@ -80,9 +80,9 @@ def validate_used_ids(used_ids, vocab_size: int) -> torch.Tensor:
 def _as_id_tensor(used_ids) -> torch.Tensor:
     if isinstance(used_ids, (set, frozenset)):
         used_ids = sorted(used_ids)  # a set has no order to check: its sorted ids are what it means
-    elif isinstance(used_ids, Iterator) or isinstance(used_ids, Iterable) and not isinstance(
-            used_ids, (torch.Tensor, str, bytes, list, tuple, range)) and not hasattr(used_ids, "__array__"):
-        used_ids = list(used_ids)  # a generator or dict keys: torch.as_tensor takes sequences only
+    elif isinstance(used_ids, Iterable) and not isinstance(used_ids, (torch.Tensor, Sequence)) \
+            and not hasattr(used_ids, "__array__"):
+        used_ids = list(used_ids)  # a generator or dict keys: torch.as_tensor takes sequences and arrays only
     try:
         ids = torch.as_tensor(used_ids)
     except (TypeError, ValueError, RuntimeError) as err:
