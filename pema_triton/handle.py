@@ -21,6 +21,7 @@ from .errors import NotCompactedError
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
 from .remap import Compaction, labels_to_columns
+from .wrappers import inner_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def _retire(*compact_params: nn.Parameter | None) -> None:
 
 
 def get_handle(model: nn.Module) -> PemaHandle | None:
-    """The handle of a compacted model, or None."""
-    return getattr(model, _HANDLE_ATTR, None)
+    """The handle of a compacted model (or of the PEFT / sentence-transformers wrapper around it), or None."""
+    return getattr(inner_model(model), _HANDLE_ATTR, None)
 
 
 def trainable_stats(model: nn.Module) -> tuple[int, int]:
@@ -162,6 +163,13 @@ class PemaHandle:
         for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
             if kept is not None and device is not None and not kept.param.is_meta:
                 kept.param.data = kept.param.data.to(device)
+
+    def train_compact_rows(self) -> None:
+        """Makes the compact Parameters trainable: under PEFT, which froze them with every base weight."""
+        first_head = self.heads[0] if self.heads else None
+        for param in (self.embeddings[0].weight, getattr(first_head, "weight", None), getattr(first_head, "bias", None)):
+            if param is not None:
+                param.requires_grad_(True)
 
     def finish(self, stats_before: tuple[int, int]) -> None:
         """After a successful compaction: sizes measured, the handle on the model."""
@@ -292,10 +300,10 @@ class PemaHandle:
         }
 
     def __repr__(self) -> str:
-        saved = 1 - self.state_bytes_after / max(1, self.state_bytes_before)
+        change = self.state_bytes_after / max(1, self.state_bytes_before) - 1  # > 0 under PEFT: LoRA-only before
         return (
             f"PemaHandle(V={self.vocab_size:,}, U={self.num_used:,} ({self.num_used / self.vocab_size:.1%}), "
             f"output={self.output!r}, tied={self.tied}, trainable params {self.params_before:,} -> "
             f"{self.params_after:,}, AdamW training state {self.state_bytes_before / 2**20:,.1f} MiB -> "
-            f"{self.state_bytes_after / 2**20:,.1f} MiB (-{saved:.1%}))"
+            f"{self.state_bytes_after / 2**20:,.1f} MiB ({change:+.1%}))"
         )

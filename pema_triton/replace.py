@@ -31,6 +31,7 @@ from .id_check import check_ids_option
 from .fused import fused_mode
 from .modes import OutputMode, output_mode
 from .remap import Compaction
+from .wrappers import inner_model, is_peft_wrapped, trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
 
@@ -56,7 +57,10 @@ def replace_embeddings(
 
     Args:
         model: a Hugging Face model (anything with `get_input_embeddings()`, optionally
-            `get_output_embeddings()`), whose embeddings are `nn.Embedding` / `nn.Linear` or subclasses.
+            `get_output_embeddings()`), whose embeddings are `nn.Embedding` / `nn.Linear` or subclasses; or a PEFT
+            `PeftModel` or a `SentenceTransformer` around one (:mod:`pema_triton.wrappers`): the model inside is
+            compacted, a `modules_to_save` copy of the embedding or head in its wrapper, and under PEFT (which
+            freezes every base weight) the compact rows are made trainable.
         used_ids: [U] sorted unique token ids to keep, e.g. from :func:`pema_triton.scan_vocabulary`.
         output: what happens to the output embedding (LM head), see :mod:`pema_triton.modes`:
             "frozen": full-vocabulary logits, bit-identical to the original model's; unused rows frozen.
@@ -88,6 +92,7 @@ def replace_embeddings(
         >>> restore_embeddings(model)
     """
     _refuse_compacted(model)
+    train_rows, model = is_peft_wrapped(model), inner_model(model)
     check_ids_option(check_ids)
     mode = fused_mode(output_mode(output)) if fused_loss else output_mode(output)
     offload = _offload_device(offload)
@@ -97,6 +102,8 @@ def replace_embeddings(
     _warn_missing_special_ids(model, compaction, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
     _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
+    if train_rows:
+        handle.train_compact_rows()
     handle.finish(stats_before)
     return handle
 
@@ -148,7 +155,7 @@ def _check_every_rank(compaction: Compaction, process_group) -> None:
 
 def restore_embeddings(model: nn.Module) -> nn.Module:
     """Merges the trained rows back into the full matrices and puts the original modules back (see
-    :meth:`PemaHandle.restore`).
+    :meth:`PemaHandle.restore`). Returns `model` (a PEFT or sentence-transformers wrapper stays the wrapper).
 
     Raises:
         NotCompactedError: the model was not compacted by `replace_embeddings`.
@@ -156,7 +163,8 @@ def restore_embeddings(model: nn.Module) -> nn.Module:
     handle = get_handle(model)
     if handle is None:
         raise NotCompactedError(f"{type(model).__name__} is not compacted: there is nothing to restore")
-    return handle.restore()
+    handle.restore()
+    return model
 
 
 def _module_path(model: nn.Module, module: nn.Module) -> str:
@@ -194,6 +202,8 @@ class _Targets:
     def find(cls, model: nn.Module, mode: OutputMode) -> _Targets:
         """Raises UnsupportedModuleError (naming the module) for anything that cannot be compacted."""
         embedding = _get_embedding(model, "get_input_embeddings")
+        if embedding is not None:
+            embedding = trained_module(embedding, _module_path(model, embedding))
         if embedding is None:
             raise UnsupportedModuleError(
                 f"{type(model).__name__} has no input embedding (get_input_embeddings() returned none); "
@@ -227,6 +237,7 @@ class _Targets:
                     f"no output embedding; use output=None only on untied models"
                 )
             return
+        head = trained_module(head, _module_path(model, head))
         if not isinstance(head, nn.Linear):
             raise UnsupportedModuleError(
                 f"the output embedding {_module_path(model, head)!r} is a {type(head).__name__}, not an nn.Linear; "
