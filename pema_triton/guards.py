@@ -7,8 +7,9 @@
   optimizer holding compact rows records the compaction's fingerprint in its saved param groups; state loaded
   into rows of another compaction (or into the full matrix, or full-vocabulary state into compact rows) is
   refused. Stepping it would apply other rows' moments, or (fused Adam) read past the end of a tensor.
-- A copy of a compacted module used in its place: PEFT's `modules_to_save` deep-copies the embedding and head
-  and trains the copies, which restore never merges, and splits a tied matrix in two. Modules that
+- A copy of a compacted module used in its place: PEFT's `modules_to_save`, applied after `replace_embeddings`,
+  deep-copies the embedding and head and trains the copies, which restore never merges, and splits a tied matrix
+  in two (applied before, `replace_embeddings` compacts the copy itself: :mod:`pema_triton.wrappers`). Modules that
   `replace_embeddings` converted are registered; a compact module that was converted but is not registered
   (a copy of one) refuses to run. Copying the whole model (EMA) copies its handle, which registers the copies.
 - A model whose full-vocabulary logits come out U columns wide: its forward reads the compacted matrix directly
@@ -85,8 +86,8 @@ def check_managed(module) -> None:
         raise PemaError(
             f"this {type(module).__name__} is a copy of a module that replace_embeddings compacted (PEFT's "
             f"modules_to_save makes such copies): it would train rows that restore_embeddings never merges back, and "
-            f"split a tied matrix. Leave the embeddings and the LM head out of modules_to_save: compacted, their "
-            f"used rows train already"
+            f"split a tied matrix. With PEFT, compact after get_peft_model: replace_embeddings(peft_model, used_ids) "
+            f"compacts the modules_to_save copy inside its wrapper"
         )
 
 

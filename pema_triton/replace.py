@@ -13,7 +13,7 @@ behaviour (Gemma's and BART's `embed_scale`) are kept.
 
 from __future__ import annotations
 
-import warnings
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from torch import nn
 from .checkpoint import FullVocabularyCheckpoint
 from .distributed import check_same_used_ids, in_distributed_job, keep_buffers_out_of_ddp
 from .embedding import CompactEmbedding
-from .errors import AlreadyCompactedError, NotCompactedError, PemaError, PemaWarning, UnsupportedModuleError
+from .errors import AlreadyCompactedError, NotCompactedError, PemaError, UnsupportedModuleError
 from .guards import refuse_vocabulary_changes
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
@@ -31,13 +31,13 @@ from .id_check import check_ids_option
 from .fused import fused_mode
 from .modes import OutputMode, output_mode
 from .remap import Compaction
-from .wrappers import inner_model, is_peft_wrapped, trained_module
+from .vocab import warn_missing_special_ids
+from .wrappers import check_embedding_wrappers, inner_model, is_peft_wrapped, refuse_split_tie, trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
 
 # Ids probed after conversion: each converted module must give what the original gave on them.
 _PROBE_IDS = 8
-_SPECIAL_ID_NAMES = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
 
 def replace_embeddings(
@@ -56,11 +56,9 @@ def replace_embeddings(
     """Compacts `model`'s input embedding (and output embedding) to the rows of `used_ids`, in place.
 
     Args:
-        model: a Hugging Face model (anything with `get_input_embeddings()`, optionally
-            `get_output_embeddings()`), whose embeddings are `nn.Embedding` / `nn.Linear` or subclasses; or a PEFT
-            `PeftModel` or a `SentenceTransformer` around one (:mod:`pema_triton.wrappers`): the model inside is
-            compacted, a `modules_to_save` copy of the embedding or head in its wrapper, and under PEFT (which
-            freezes every base weight) the compact rows are made trainable.
+        model: a Hugging Face model (with `get_input_embeddings()`, optionally `get_output_embeddings()`) whose
+            embeddings are `nn.Embedding` / `nn.Linear` or subclasses, or a PEFT / sentence-transformers wrapper
+            around one (:mod:`pema_triton.wrappers`; under PEFT the compact rows are made trainable).
         used_ids: [U] sorted unique token ids to keep, e.g. from :func:`pema_triton.scan_vocabulary`.
         output: what happens to the output embedding (LM head), see :mod:`pema_triton.modes`:
             "frozen": full-vocabulary logits, bit-identical to the original model's; unused rows frozen.
@@ -76,8 +74,7 @@ def replace_embeddings(
         process_group: in a `torch.distributed` job, the ranks that must pass the same used ids (else
             `UsedIdsError` names them); default all. DDP never broadcasts the compacted modules' buffers.
 
-    Returns:
-        a :class:`PemaHandle` (also kept on the model) with the sizes before and after, and `restore()`.
+    Returns: a :class:`PemaHandle` (also kept on the model): the sizes before and after, and `restore()`.
 
     Raises:
         AlreadyCompactedError: the model is compacted already.
@@ -87,19 +84,16 @@ def replace_embeddings(
             left exactly as it was.
 
     Examples:
-        >>> used = scan_vocabulary(dataset, len(tokenizer), keep=special_token_ids(tokenizer))
-        >>> handle = replace_embeddings(model, used)              # train as usual, then:
-        >>> restore_embeddings(model)
+        >>> handle = replace_embeddings(model, scan_vocabulary(dataset, len(tokenizer), keep=special_token_ids(tok)))
     """
     _refuse_compacted(model)
-    train_rows, model = is_peft_wrapped(model), inner_model(model)
+    train_rows, model = is_peft_wrapped(model), inner_model(model)  # PEFT froze every base weight
     check_ids_option(check_ids)
-    mode = fused_mode(output_mode(output)) if fused_loss else output_mode(output)
-    offload = _offload_device(offload)
+    mode, offload = fused_mode(output_mode(output)) if fused_loss else output_mode(output), _offload_device(offload)
     targets = _Targets.find(model, mode)
     compaction = Compaction.of(used_ids, targets.vocab_size)
     _check_every_rank(compaction, process_group)
-    _warn_missing_special_ids(model, compaction, tokenizer)
+    warn_missing_special_ids(model, compaction, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
     _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
     if train_rows:
@@ -117,6 +111,7 @@ def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None
         probe.check(handle)
         handle.output_mode.patch_model(handle)
         refuse_vocabulary_changes(handle)
+        handle.on_undo(handle.model.register_forward_pre_hook(functools.partial(check_embedding_wrappers, handle)).remove)
         FullVocabularyCheckpoint(handle).register()
         keep_buffers_out_of_ddp(handle)
         handle.offload(offload)
@@ -215,6 +210,7 @@ class _Targets:
                 f"{type(embedding).__name__}, not an nn.Embedding (or subclass); pema_triton cannot compact it"
             )
         holders = _holders(model, embedding.weight)
+        refuse_split_tie(model, holders)
         for module, name in holders:
             if not isinstance(module, (nn.Embedding, nn.Linear)) or name != "weight":
                 raise UnsupportedModuleError(
@@ -249,30 +245,12 @@ class _Targets:
                 f"{tuple(input_weight.shape)}; pema_triton needs one vocabulary for both (or output=None)"
             )
         self.head_weight, self.head_bias = head.weight, head.bias
+        if not self.tied:
+            refuse_split_tie(model, _holders(model, head.weight))
         holders = tied_heads if self.tied else [m for m, _ in _holders(model, head.weight)]
         self.heads = [m for m in holders if isinstance(m, nn.Linear)]
         if head not in self.heads:
             raise UnsupportedModuleError(f"could not find the module holding {_module_path(model, head)!r}'s weight")
-
-
-def _warn_missing_special_ids(model: nn.Module, compaction: Compaction, tokenizer) -> None:
-    """Warns about special token ids the model or tokenizer names that the used ids lack."""
-    named = {}
-    for source in (getattr(model, "config", None), getattr(model, "generation_config", None), tokenizer):
-        for name in _SPECIAL_ID_NAMES:
-            value = getattr(source, name, None) if source is not None else None
-            for i in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(i, int) and 0 <= i < compaction.vocab_size:
-                    named.setdefault(name, i)
-    used = set(compaction.used_ids.tolist())
-    missing = {name: i for name, i in named.items() if i not in used}
-    if missing:
-        warnings.warn(
-            f"used_ids lack special tokens {missing}; a batch holding one will raise UnusedIdError. Keep them with "
-            f"scan_vocabulary(..., keep=special_token_ids(tokenizer)) unless your data never contains them",
-            PemaWarning,
-            stacklevel=3,
-        )
 
 
 def _convert_embeddings(handle: PemaHandle, embeddings: list[nn.Embedding], **options) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from .distributed import in_distributed_job, largest_across_ranks, union_across_ranks
-from .errors import PemaDTypeError, PemaError
+from .errors import PemaDTypeError, PemaError, PemaWarning
 from .ops import resolve_backend, scan_ids
 from .remap import build_remap, validate_used_ids
 
@@ -103,6 +104,31 @@ class VocabularyScan:
 
 
 _SPECIAL_TOKENS = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
+
+
+# Special ids a model or tokenizer names, which a batch may hold though the scanned data did not.
+_SPECIAL_ID_NAMES = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def warn_missing_special_ids(model: nn.Module, compaction: Compaction, tokenizer) -> None:
+    """Warns about special token ids the model (config, generation config) or tokenizer names that `compaction`'s
+    used ids lack: a batch holding one would raise UnusedIdError."""
+    named = {}
+    for source in (getattr(model, "config", None), getattr(model, "generation_config", None), tokenizer):
+        for name in _SPECIAL_ID_NAMES:
+            value = getattr(source, name, None) if source is not None else None
+            for i in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(i, int) and 0 <= i < compaction.vocab_size:
+                    named.setdefault(name, i)
+    used = set(compaction.used_ids.tolist())
+    missing = {name: i for name, i in named.items() if i not in used}
+    if missing:
+        warnings.warn(
+            f"used_ids lack special tokens {missing}; a batch holding one will raise UnusedIdError. Keep them with "
+            f"scan_vocabulary(..., keep=special_token_ids(tokenizer)) unless your data never contains them",
+            PemaWarning,
+            stacklevel=3,
+        )
 
 
 def special_token_ids(tokenizer) -> list[int]:

@@ -10,11 +10,13 @@ Duck-typed, so that neither package is imported (both are optional).
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from .errors import UnsupportedModuleError
+from .errors import PemaWarning, UnsupportedModuleError
 
-__all__ = ["inner_model", "is_peft_model", "is_peft_wrapped", "trained_module"]
+__all__ = ["check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "refuse_split_tie", "trained_module"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -59,8 +61,8 @@ def trained_module(module: nn.Module, path: str) -> nn.Module:
             f"trainable_token_indices out of the PEFT config (the compacted rows train, all of them), or keep it "
             f"and do not call replace_embeddings"
         )
-    copies = getattr(module, "modules_to_save", None)
-    if isinstance(copies, nn.ModuleDict) and hasattr(module, "original_module"):
+    if _is_modules_to_save(module):
+        copies = module.modules_to_save
         active = list(getattr(module, "active_adapters", ()))
         if not active or active[0] not in copies:
             raise UnsupportedModuleError(
@@ -69,3 +71,59 @@ def trained_module(module: nn.Module, path: str) -> nn.Module:
             )
         return copies[active[0]]
     return module
+
+
+def check_embedding_wrappers(handle, model: nn.Module, args) -> None:
+    """Forward pre-hook of a compacted model: refuses a PEFT wrapper put around its compacted embedding after
+    `replace_embeddings` (PEFT's `get_peft_model` after it), which would look up original ids in the [U, D] rows
+    itself or train a copy that restore never merges; warns once if PEFT froze the compact rows.
+
+    A `get_input_embeddings()` call and a few attribute reads a step."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None or embedding in handle.embeddings:
+        return _warn_if_peft_froze_the_rows(handle, model)
+    wrapper = type(embedding).__name__
+    try:
+        trained = trained_module(embedding, wrapper)
+    except UnsupportedModuleError as err:
+        raise UnsupportedModuleError(f"{err}. It was wrapped after replace_embeddings: {_ORDER}") from None
+    if trained not in handle.embeddings:
+        raise UnsupportedModuleError(
+            f"the compacted input embedding is inside a PEFT {wrapper} added after replace_embeddings, which trains a "
+            f"copy of it that restore_embeddings cannot merge back (and splits a tied matrix): {_ORDER}"
+        )
+
+
+_ORDER = ("restore_embeddings(model), then get_peft_model(model, config), then replace_embeddings(peft_model, "
+          "used_ids): it compacts the module PEFT trains, inside its wrapper")
+
+
+def _warn_if_peft_froze_the_rows(handle, model: nn.Module) -> None:
+    weight = handle.embeddings[0].weight
+    if weight.requires_grad or not model.training or handle.__dict__.get("_warned_frozen"):
+        return
+    handle._warned_frozen = True
+    if is_peft_wrapped(model):
+        warnings.warn(
+            "the compacted rows are frozen: peft.get_peft_model, called after replace_embeddings, froze them with "
+            "every base weight, so only the adapters train. To train the used rows too: " + _ORDER,
+            PemaWarning, stacklevel=3,
+        )
+
+
+def refuse_split_tie(model: nn.Module, holders: list[tuple[nn.Module, str]]) -> None:
+    """Raises if a matrix to compact is also held by a PEFT wrapper's frozen `original_module`: `modules_to_save`
+    named one side of a tied matrix, so PEFT trains a copy of that side while the other keeps the original."""
+    originals = {id(wrapper.original_module): f"{path}.original_module" for path, wrapper in model.named_modules()
+                 if _is_modules_to_save(wrapper)}
+    frozen = [originals[id(m)] for m, _ in holders if id(m) in originals]
+    if frozen:
+        raise UnsupportedModuleError(
+            f"PEFT's modules_to_save names one side of a tied matrix: {frozen[0]!r} (a frozen original) still holds "
+            f"the matrix the other side trains a copy of, which unties them. Name both sides (the embedding and "
+            f"lm_head) with ensure_weight_tying=True for one tied copy, or neither"
+        )
+
+
+def _is_modules_to_save(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict) and hasattr(module, "original_module")

@@ -377,49 +377,6 @@ def test_full_vocabulary_optimizer_state_is_refused_on_compact_rows(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
 
 
-# -- PEFT ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ensure_weight_tying", [False, True])
-def test_peft_modules_to_save_copies_of_compacted_modules_refuse_to_run(ensure_weight_tying):
-    """modules_to_save trains deep copies of the embedding and head (restore merged the untrained originals and
-    dropped the head's training; with ensure_weight_tying the loss failed on a shape): now a clear error."""
-    import warnings
-
-    peft = pytest.importorskip("peft")
-    model = tiny_models.build("gpt2")  # tied
-    used, ids = tiny_models.used_ids_and_batch(model)
-    replace_embeddings(model, used)
-    before = _snapshot(model)
-    config = peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["wte", "lm_head"], r=2,
-                             ensure_weight_tying=ensure_weight_tying)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's own advice on tied layers
-        peft_model = peft.get_peft_model(model, config)
-    with pytest.raises(PemaError, match="Leave the embeddings and the LM head out of modules_to_save"):
-        peft_model(input_ids=ids, labels=ids)
-    restore_embeddings(peft_model)  # the compacted originals merge back; nothing trained
-    assert torch.equal(model.transformer.wte.original_module.weight, before["transformer.wte.weight"])
-
-
-def test_peft_lora_with_compacted_embeddings_trains_them():
-    """LoRA on attention, embeddings compacted and outside modules_to_save: the compact rows train and merge."""
-    peft = pytest.importorskip("peft")
-    model = tiny_models.build("llama-untied")
-    used, ids = tiny_models.used_ids_and_batch(model)
-    before = _snapshot(model)
-    replace_embeddings(model, used)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
-    model.model.embed_tokens.weight.requires_grad_(True)  # peft freezes everything but the adapters
-    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
-    peft_model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    restore_embeddings(peft_model)
-    trained = model.model.embed_tokens.weight
-    unused = torch.ones(tiny_models.V, dtype=torch.bool)
-    unused[used] = False
-    assert torch.equal(trained[unused], before["model.embed_tokens.weight"][unused])
-    assert not torch.equal(trained[used], before["model.embed_tokens.weight"][used])
-
-
 # -- changing the vocabulary or the embedding modules while compacted -------------------------------------------
 @pytest.mark.parametrize("name", ["llama-untied", "gpt2"])
 def test_vocabulary_changes_are_refused_while_compacted_and_allowed_after_restore(name):
