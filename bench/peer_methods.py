@@ -72,7 +72,8 @@ def full(model, tokenizer, data, cfg) -> Prepared:
 
 
 def pema_triton(model, tokenizer, data, cfg) -> Prepared:
-    from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids
+    from pema_triton import (replace_embeddings, resolve_backend, restore_embeddings, scan_vocabulary,
+                             special_token_ids)
 
     used = scan_vocabulary(data["dataset"], len(tokenizer), keep=special_token_ids(tokenizer), progress=False)
     replace_embeddings(model, used)
@@ -81,7 +82,9 @@ def pema_triton(model, tokenizer, data, cfg) -> Prepared:
         restore_embeddings(model)
         return model
 
-    return Prepared(model, batches_of(_columns(data["dataset"]), cfg["batch_size"]), finish, rows=len(used))
+    backend = resolve_backend("auto", model.device)  # "torch" on a CPU: the Triton kernels need a GPU here
+    return Prepared(model, batches_of(_columns(data["dataset"]), cfg["batch_size"]), finish, rows=len(used),
+                    notes=[f"backend {backend!r} (`resolve_backend('auto', {model.device.type!r})`)"])
 
 
 def tstv_bert_setter_fix() -> str | None:
@@ -112,8 +115,9 @@ def tstv(model, tokenizer, data, cfg) -> Prepared:
         recreate_vocab(model, tokenizer, *context)
         embedding = model.get_input_embeddings()
         if embedding.padding_idx is None and tokenizer.pad_token_id is not None:
-            notes.append("after recreate_vocab the input embedding has no padding_idx (it had "
-                         f"{tokenizer.pad_token_id}): further training would move the pad row")
+            notes.append(f"after recreate_vocab the input embedding's padding_idx is None (it was "
+                         f"{tokenizer.pad_token_id}): the pad row is no longer shielded from gradients in later "
+                         "training (here no pad position reached the loss, so the weights still match)")
         return model
 
     return Prepared(model, batches_of(_columns(dataset), cfg["batch_size"]), finish, rows=len(context[0]),

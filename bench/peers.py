@@ -69,20 +69,23 @@ def train(model, batches, cfg) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     model.train()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for batch in batches:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, so their bytes are counted
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         losses.append(loss.item())
     moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
     return {"trainable": sum(p.numel() for p in params), "train_state_bytes": tensor_bytes(params)
             + tensor_bytes(p.grad for p in params) + tensor_bytes(moments),
             # the first step pays one-time allocations and thread-pool start-up: the median is of the others
-            "median_step_s": float(torch.tensor(times[1:] or times).median()), "step_s": times, "losses": losses}
+            "median_step_s": float(torch.tensor(times[1:] or times).median()), "step_s": times, "losses": losses,
+            # CPU time of this process: on a shared machine wall time also counts the others' time slices
+            "median_step_cpu_s": float(torch.tensor(cpu[1:] or cpu).median()), "step_cpu_s": cpu}
 
 
 def child(method: str, cfg: dict, state_path: str) -> dict:
@@ -134,7 +137,8 @@ def run_methods(cfg: dict, methods: list[str], root: Path, in_process: bool = Fa
     for method in methods:
         state = root / f"{method}.pt"
         rows.append(run_one(method, cfg, state, in_process) | {"state": str(state)})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("step_s", "losses")}), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("step_s", "step_cpu_s", "losses")}),
+              flush=True)
     reference = next((r for r in rows if r["method"] == "full" and r["status"] == "ok"), None)
     ref = torch.load(reference["state"]) if reference else None
     for r in rows:
