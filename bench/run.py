@@ -1,6 +1,6 @@
 """Runs every benchmark that fits this machine and writes results under bench/results/.
 
-    python bench/run.py            # kernels and scan, memory, head + loss, vocabulary usage, trim
+    python bench/run.py            # kernels and scan, memory, head + loss, vocabulary usage, trim, peers
     python bench/run.py --only kernels
 
 Kernels and scan (bench/kernel_cases.py, bench/scan_cases.py, timed by bench/harness.py): raw JSON and a markdown table with,
@@ -34,14 +34,14 @@ def run_kernels() -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["kernels", "memory", "loss", "vocab", "trim"], action="append")
+    p.add_argument("--only", choices=["kernels", "memory", "loss", "vocab", "trim", "peers"], action="append")
     args = p.parse_args(argv)
-    only = set(args.only or ["kernels", "memory", "loss", "vocab", "trim"])
+    only = set(args.only or ["kernels", "memory", "loss", "vocab", "trim", "peers"])
     RESULTS.mkdir(exist_ok=True)
     failed = [] if "kernels" not in only or run_kernels() else ["kernels"]
     # Each script below reports its own failing cases in its table; a script that crashes stops nothing else.
     for name, script in (("memory", "memory.py"), ("loss", "loss.py"), ("vocab", "vocab_usage.py"),
-                         ("trim", "trim.py")):
+                         ("trim", "trim.py"), ("peers", "peers.py")):
         if name in only and subprocess.run([sys.executable, str(BENCH / script)]).returncode != 0:
             failed.append(name)
     if failed:

