@@ -164,12 +164,15 @@ class PemaHandle:
             if kept is not None and device is not None and not kept.param.is_meta:
                 kept.param.data = kept.param.data.to(device)
 
-    def train_compact_rows(self) -> None:
-        """Makes the compact Parameters trainable: under PEFT, which froze them with every base weight."""
+    def train_compact_rows(self) -> int:
+        """Makes the compact Parameters trainable (under PEFT, which froze them with every base weight); returns
+        how many were frozen."""
         first_head = self.heads[0] if self.heads else None
-        for param in (self.embeddings[0].weight, getattr(first_head, "weight", None), getattr(first_head, "bias", None)):
-            if param is not None:
-                param.requires_grad_(True)
+        params = (self.embeddings[0].weight, getattr(first_head, "weight", None), getattr(first_head, "bias", None))
+        frozen = [p for p in params if p is not None and not p.requires_grad]
+        for param in frozen:
+            param.requires_grad_(True)
+        return len(frozen)
 
     def finish(self, stats_before: tuple[int, int]) -> None:
         """After a successful compaction: sizes measured, the handle on the model."""

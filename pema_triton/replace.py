@@ -32,7 +32,8 @@ from .fused import fused_mode
 from .modes import OutputMode, output_mode
 from .remap import Compaction
 from .vocab import warn_missing_special_ids
-from .wrappers import check_embedding_wrappers, inner_model, is_peft_wrapped, refuse_split_tie, trained_module
+from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, save_trained_rows_with_adapters
+from .wrappers import trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
 
@@ -87,7 +88,7 @@ def replace_embeddings(
         >>> handle = replace_embeddings(model, scan_vocabulary(dataset, len(tokenizer), keep=special_token_ids(tok)))
     """
     _refuse_compacted(model)
-    train_rows, model = is_peft_wrapped(model), inner_model(model)  # PEFT froze every base weight
+    peft_model, model = model if is_peft_model(model) else None, inner_model(model)
     check_ids_option(check_ids)
     mode, offload = fused_mode(output_mode(output)) if fused_loss else output_mode(output), _offload_device(offload)
     targets = _Targets.find(model, mode)
@@ -96,8 +97,8 @@ def replace_embeddings(
     warn_missing_special_ids(model, compaction, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
     _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
-    if train_rows:
-        handle.train_compact_rows()
+    if peft_model is not None and handle.train_compact_rows():  # PEFT froze them with every base weight
+        save_trained_rows_with_adapters(peft_model)
     handle.finish(stats_before)
     return handle
 
@@ -198,7 +199,7 @@ class _Targets:
         """Raises UnsupportedModuleError (naming the module) for anything that cannot be compacted."""
         embedding = _get_embedding(model, "get_input_embeddings")
         if embedding is not None:
-            embedding = trained_module(embedding, _module_path(model, embedding))
+            embedding = trained_module(model, embedding, _module_path(model, embedding))
         if embedding is None:
             raise UnsupportedModuleError(
                 f"{type(model).__name__} has no input embedding (get_input_embeddings() returned none); "
@@ -210,7 +211,6 @@ class _Targets:
                 f"{type(embedding).__name__}, not an nn.Embedding (or subclass); pema_triton cannot compact it"
             )
         holders = _holders(model, embedding.weight)
-        refuse_split_tie(model, holders)
         for module, name in holders:
             if not isinstance(module, (nn.Embedding, nn.Linear)) or name != "weight":
                 raise UnsupportedModuleError(
@@ -221,10 +221,10 @@ class _Targets:
         mode.check_tied(_module_path(model, tied_heads[0]) if tied_heads else None)
         targets = cls([m for m, _ in holders if isinstance(m, nn.Embedding)], [], None, None, bool(tied_heads))
         if mode.compacts_head:
-            targets._find_head(model, embedding.weight, tied_heads)
+            targets._find_head(model, embedding.weight, tied_heads, mode)
         return targets
 
-    def _find_head(self, model: nn.Module, input_weight: nn.Parameter, tied_heads: list[nn.Linear]) -> None:
+    def _find_head(self, model: nn.Module, input_weight: nn.Parameter, tied_heads: list[nn.Linear], mode) -> None:
         head = _get_embedding(model, "get_output_embeddings")
         if head is None:
             if tied_heads:
@@ -233,7 +233,7 @@ class _Targets:
                     f"no output embedding; use output=None only on untied models"
                 )
             return
-        head = trained_module(head, _module_path(model, head))
+        head = trained_module(model, head, _module_path(model, head), restricted=mode.name == "restricted")
         if not isinstance(head, nn.Linear):
             raise UnsupportedModuleError(
                 f"the output embedding {_module_path(model, head)!r} is a {type(head).__name__}, not an nn.Linear; "
@@ -245,8 +245,6 @@ class _Targets:
                 f"{tuple(input_weight.shape)}; pema_triton needs one vocabulary for both (or output=None)"
             )
         self.head_weight, self.head_bias = head.weight, head.bias
-        if not self.tied:
-            refuse_split_tie(model, _holders(model, head.weight))
         holders = tied_heads if self.tied else [m for m, _ in _holders(model, head.weight)]
         self.heads = [m for m in holders if isinstance(m, nn.Linear)]
         if head not in self.heads:

@@ -10,13 +10,17 @@ Duck-typed, so that neither package is imported (both are optional).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from torch import nn
 
 from .errors import PemaWarning, UnsupportedModuleError
 
-__all__ = ["check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "refuse_split_tie", "trained_module"]
+__all__ = [
+    "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "refuse_split_tie",
+    "save_trained_rows_with_adapters", "trained_module",
+]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -46,14 +50,34 @@ def is_peft_wrapped(model: nn.Module) -> bool:
     return is_peft_model(model) or any(type(m).__module__.partition(".")[0] == "peft" for m in model.modules())
 
 
-def trained_module(module: nn.Module, path: str) -> nn.Module:
-    """The module that trains in place of `module` (at `path`): the active copy of a PEFT `modules_to_save` wrapper,
-    which PEFT trains while its `original_module` stays frozen, else `module` itself.
+def trained_module(model: nn.Module, module: nn.Module, path: str, restricted: bool = False) -> nn.Module:
+    """The module of `model` that trains in place of `module` (at `path`): the active copy of a PEFT
+    `modules_to_save` wrapper, which PEFT trains while its `original_module` stays frozen, else `module` itself.
 
     Raises:
         UnsupportedModuleError: `module` is PEFT's `trainable_token_indices` wrapper, which trains a delta of chosen
-            rows over the full matrix: the same job as the compaction, in a form it cannot compose with.
+            rows over the full matrix (the compaction's job, in a form it cannot compose with), or a PEFT tuner
+            layer; a modules_to_save copy that splits a tied matrix; a `restricted` head that is a copy.
     """
+    trained = _unwrapped(module, path)
+    if isinstance(getattr(trained, "weight", None), nn.Parameter):
+        refuse_split_tie(model, trained)
+    if restricted and trained is not module:
+        raise UnsupportedModuleError(
+            f"{path!r} is a PEFT modules_to_save wrapper: with output='restricted' its compact copy gives U logit "
+            f"columns, but under peft_model.disable_adapter() (the reference pass of DPO / KTO) the wrapper calls "
+            f"its original and gives V; use output='frozen' (the full-vocabulary logits either way)"
+        )
+    return trained
+
+
+def _unwrapped(module: nn.Module, path: str) -> nn.Module:
+    if hasattr(module, "base_layer") and type(module).__module__.partition(".")[0] == "peft":
+        raise UnsupportedModuleError(
+            f"{path!r} is a PEFT {type(module).__name__} tuner layer (LoRA or similar on the embedding or head, "
+            f"from target_modules): it adapts the full [V, D] matrix. Leave it out of target_modules; compacted, "
+            f"the used rows of the matrix itself train"
+        )
     if hasattr(module, "token_adapter") and hasattr(module, "original_module"):
         raise UnsupportedModuleError(
             f"{path!r} is PEFT's TrainableTokensWrapper (trainable_token_indices): it trains a delta of chosen rows "
@@ -79,12 +103,15 @@ def check_embedding_wrappers(handle, model: nn.Module, args) -> None:
     itself or train a copy that restore never merges; warns once if PEFT froze the compact rows.
 
     A `get_input_embeddings()` call and a few attribute reads a step."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # as replace_embeddings' own lookup: nothing to check then
+        embedding = None
     if embedding is None or embedding in handle.embeddings:
         return _warn_if_peft_froze_the_rows(handle, model)
     wrapper = type(embedding).__name__
     try:
-        trained = trained_module(embedding, wrapper)
+        trained = _unwrapped(embedding, wrapper)
     except UnsupportedModuleError as err:
         raise UnsupportedModuleError(f"{err}. It was wrapped after replace_embeddings: {_ORDER}") from None
     if trained not in handle.embeddings:
@@ -111,19 +138,45 @@ def _warn_if_peft_froze_the_rows(handle, model: nn.Module) -> None:
         )
 
 
-def refuse_split_tie(model: nn.Module, holders: list[tuple[nn.Module, str]]) -> None:
-    """Raises if a matrix to compact is also held by a PEFT wrapper's frozen `original_module`: `modules_to_save`
-    named one side of a tied matrix, so PEFT trains a copy of that side while the other keeps the original."""
-    originals = {id(wrapper.original_module): f"{path}.original_module" for path, wrapper in model.named_modules()
-                 if _is_modules_to_save(wrapper)}
-    frozen = [originals[id(m)] for m, _ in holders if id(m) in originals]
-    if frozen:
-        raise UnsupportedModuleError(
-            f"PEFT's modules_to_save names one side of a tied matrix: {frozen[0]!r} (a frozen original) still holds "
-            f"the matrix the other side trains a copy of, which unties them. Name both sides (the embedding and "
-            f"lm_head) with ensure_weight_tying=True for one tied copy, or neither"
-        )
+def refuse_split_tie(model: nn.Module, module: nn.Module) -> None:
+    """Raises if `module` (an embedding or head to compact) is one side of a tied matrix that PEFT's
+    `modules_to_save` split: a copy trains on one side while a module on the other side still holds the original
+    (GPT-2's lm_head beside a `wte` copy, T5's encoder and decoder beside a `shared` copy, which they never call)."""
+    wrappers = {id(w.original_module): (path, w) for path, w in model.named_modules() if _is_modules_to_save(w)}
+    copy_of = next(((path, w) for path, w in wrappers.values() if module in w.modules_to_save.values()), None)
+    matrices = [module.weight] + ([copy_of[1].original_module.weight] if copy_of is not None else [])
+    for matrix in matrices:
+        holders = {id(m): m for m in model.modules() if any(p is matrix for p in m._parameters.values())}
+        inside = [wrappers[i][0] for i in holders if i in wrappers]  # frozen originals holding it
+        outside = [m for i, m in holders.items() if i not in wrappers and not _is_copy(m, wrappers)]
+        if inside and (outside or matrix is module.weight):
+            raise UnsupportedModuleError(
+                f"PEFT's modules_to_save names one side of a tied matrix: {inside[0]}.original_module (frozen) and "
+                f"a module outside it share the matrix that a copy now trains on one side only, which unties them. "
+                f"Name every side (the embedding and lm_head) with ensure_weight_tying=True for one tied copy, or "
+                f"none"
+            )
+
+
+def _is_copy(module: nn.Module, wrappers: dict) -> bool:
+    return any(module in w.modules_to_save.values() for _, w in wrappers.values())
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:
     return isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict) and hasattr(module, "original_module")
+
+
+def save_trained_rows_with_adapters(peft_model: nn.Module) -> None:
+    """Makes `peft_model.save_pretrained` save the embedding layers by default (`save_embedding_layers=True`).
+
+    Under plain LoRA `replace_embeddings` trains the used rows of the base model's matrices, which PEFT's adapter
+    save leaves out (it saves adapters and modules_to_save copies): reloaded onto a fresh base, the trained rows
+    would be lost. Lasts beyond restore, where those rows sit in the base matrices; an explicit
+    `save_embedding_layers=` still decides. An instance attribute, set once."""
+    if not isinstance(peft_model.__dict__.get("save_pretrained"), functools.partial):
+        peft_model.__dict__["save_pretrained"] = functools.partial(_save_with_embedding_layers, peft_model)
+
+
+def _save_with_embedding_layers(peft_model, *args, **kwargs):
+    kwargs.setdefault("save_embedding_layers", True)
+    return type(peft_model).save_pretrained(peft_model, *args, **kwargs)

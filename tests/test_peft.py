@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 D = 32  # tiny_models hidden size
-ATTENTION = {"llama-untied": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+ATTENTION = {"llama-untied": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "t5-shared": ["q", "v"]}
 
 
 def _peft(model, arch, **config):
@@ -97,6 +97,25 @@ def test_modules_to_save_trains_a_compact_copy_and_saves_the_full_vocabulary(tmp
     assert type(merged.model.embed_tokens) is nn.Embedding and torch.equal(merged.model.embed_tokens.weight, trained)
 
 
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]])
+def test_an_adapter_saved_and_reloaded_keeps_the_trained_base_rows(modules_to_save, tmp_path):
+    """Under plain LoRA (or modules_to_save naming the head only) the base embedding's used rows train, outside
+    any adapter: PEFT's save_pretrained would leave them out, and a reload onto a fresh base lost the training.
+    The PeftModel's save_pretrained now saves the embedding layers by default, while compacted and after restore."""
+    model = tiny_models.build("llama-untied")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    peft_model = _peft(model, "llama-untied", modules_to_save=modules_to_save)
+    replace_embeddings(peft_model, used)
+    _sgd_step(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "mid")  # a Trainer checkpoint goes this way
+    restore_embeddings(peft_model)
+    peft_model.save_pretrained(tmp_path / "end")
+    expected = peft_model.eval()(input_ids=ids).logits
+    for adapter in ("mid", "end"):
+        loaded = peft.PeftModel.from_pretrained(tiny_models.build("llama-untied"), tmp_path / adapter).eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
 def test_modules_to_save_on_a_tied_model_keeps_the_copies_tied():
     """ensure_weight_tying: PEFT ties the head's copy to the embedding's; compacted, they share one [U, D] matrix."""
     model = tiny_models.build("gpt2")
@@ -110,18 +129,38 @@ def test_modules_to_save_on_a_tied_model_keeps_the_copies_tied():
     assert head.weight is embedding.weight and embedding.weight.shape[0] == tiny_models.V
 
 
-@pytest.mark.parametrize("one_side", [["wte"], ["lm_head"]])
-def test_modules_to_save_naming_one_side_of_a_tied_matrix_is_refused(one_side):
+@pytest.mark.parametrize("arch, one_side, output", [("gpt2", ["wte"], "frozen"), ("gpt2", ["lm_head"], "frozen"),
+                                                    ("gpt2", ["wte"], None), ("t5-shared", ["shared"], None)])
+def test_modules_to_save_naming_one_side_of_a_tied_matrix_is_refused(arch, one_side, output):
     """PEFT would train a copy of one side while the other keeps the original matrix (untying them); compacted, the
     frozen original would share the kept matrix. Refused before anything changes, saying what to name."""
-    model = tiny_models.build("gpt2")
+    model = tiny_models.build(arch)
     used, _ = tiny_models.used_ids_and_batch(model)
-    peft_model = _peft(model, "gpt2", modules_to_save=one_side)
+    peft_model = _peft(model, arch, modules_to_save=one_side)
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     with pytest.raises(UnsupportedModuleError, match="one side of a tied matrix.*ensure_weight_tying=True"):
-        replace_embeddings(peft_model, used)
+        replace_embeddings(peft_model, used, output=output)
     assert get_handle(peft_model) is None
     assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())
+
+
+@pytest.mark.parametrize("config, output, match", [
+    ({"modules_to_save": ["lm_head"]}, "restricted", "disable_adapter"),  # DPO's reference pass: V columns
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "frozen", "tuner layer"),
+])
+def test_peft_setups_the_compaction_cannot_serve_are_refused_with_the_model_untouched(config, output, match):
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(model, peft.LoraConfig(**{"target_modules": ["q_proj"], "r": 2, **config}))
+    before = {k: (v.clone(), v.requires_grad) for k, v in peft_model.named_parameters()}
+    with pytest.raises(UnsupportedModuleError, match=match):
+        replace_embeddings(peft_model, used, output=output)
+    assert get_handle(peft_model) is None
+    after = {k: (v, v.requires_grad) for k, v in peft_model.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(v, before[k][0]) and grad == before[k][1] for k, (v, grad) in after.items())
 
 
 def test_trainable_token_indices_are_refused_with_the_model_untouched():
