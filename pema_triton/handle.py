@@ -164,12 +164,17 @@ class PemaHandle:
             if kept is not None and device is not None and not kept.param.is_meta:
                 kept.param.data = kept.param.data.to(device)
 
-    def train_compact_rows(self) -> int:
-        """Makes the compact Parameters trainable (under PEFT, which froze them with every base weight); returns
-        how many were frozen."""
-        first_head = self.heads[0] if self.heads else None
-        params = (self.embeddings[0].weight, getattr(first_head, "weight", None), getattr(first_head, "bias", None))
-        frozen = [p for p in params if p is not None and not p.requires_grad]
+    def train_compact_rows(self, where_the_original_trained: bool = False) -> int:
+        """Makes the frozen compact Parameters trainable (under PEFT, which froze them with every base weight); with
+        `where_the_original_trained`, only those whose full original trained at replace time (PEFT froze them
+        after). Returns how many it made trainable."""
+        head = self.heads[0] if self.heads else None
+        kept_head = self.kept_input if self.tied else self.kept_head_weight
+        pairs = {id(p): (p, kept) for p, kept in ((self.embeddings[0].weight, self.kept_input),
+                                                 (getattr(head, "weight", None), kept_head),
+                                                 (getattr(head, "bias", None), self.kept_head_bias)) if p is not None}
+        frozen = [p for p, kept in pairs.values() if not p.requires_grad
+                  and (not where_the_original_trained or (kept is not None and kept.param.requires_grad))]
         for param in frozen:
             param.requires_grad_(True)
         return len(frozen)

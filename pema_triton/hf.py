@@ -17,6 +17,7 @@ from .errors import PemaError
 from .handle import get_handle
 from .remap import validate_used_ids
 from .replace import restore_embeddings
+from .wrappers import is_peft_model, save_trained_rows_with_adapters
 
 __all__ = ["PemaCallback", "UsedVocabularyCollator", "original_id_predictions"]
 
@@ -58,6 +59,15 @@ class PemaCallback(TrainerCallback):
     def _sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Compacted first, then wrapped by `peft.get_peft_model`: PEFT froze the compact rows after
+        replace_embeddings returned. The Trainer builds its optimizer in train(), so they can still join it: made
+        trainable again where their original trained, and kept in the adapters the PeftModel saves."""
+        handle = get_handle(model) if model is not None else None
+        if handle is not None and optimizer is None and is_peft_model(model):
+            if handle.train_compact_rows(where_the_original_trained=True):
+                save_trained_rows_with_adapters(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and model is self._restored and get_handle(model) is None:

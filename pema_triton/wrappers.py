@@ -133,7 +133,8 @@ def _warn_if_peft_froze_the_rows(handle, model: nn.Module) -> None:
     if is_peft_wrapped(model):
         warnings.warn(
             "the compacted rows are frozen: peft.get_peft_model, called after replace_embeddings, froze them with "
-            "every base weight, so only the adapters train. To train the used rows too: " + _ORDER,
+            "every base weight, so only the adapters train. To train the used rows too: pass PemaCallback to the "
+            "Trainer (it makes them trainable again before the optimizer is built), or " + _ORDER,
             PemaWarning, stacklevel=3,
         )
 

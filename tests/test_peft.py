@@ -207,6 +207,31 @@ def test_lora_after_replace_warns_that_peft_froze_the_rows():
     restore_embeddings(peft_model)
 
 
+def test_pema_then_lora_under_the_trainer_trains_the_rows_peft_froze(tmp_path):
+    """The other order with the Trainer: PemaCallback makes the rows PEFT froze trainable before the optimizer is
+    built, so they train and merge back, and the saved adapter carries them."""
+    from pema_triton.hf import PemaCallback
+
+    model = tiny_models.build("llama-untied")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    pretrained = model.get_input_embeddings().weight.detach().clone()
+    replace_embeddings(model, used)
+    peft_model = _peft(model, "llama-untied")
+    assert not model.get_input_embeddings().weight.requires_grad  # PEFT froze the compact rows
+    trainer = transformers.Trainer(model=peft_model, args=tiny_models.trainer_args(tmp_path, max_steps=2),
+                                   train_dataset=tiny_models.token_dataset(used, 8), callbacks=[PemaCallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PemaWarning)  # nothing left frozen to warn about
+        trainer.train()
+    assert get_handle(peft_model) is None  # the callback restored it
+    weight = model.get_input_embeddings().weight
+    assert torch.equal(weight[_unused(used)], pretrained[_unused(used)])
+    assert not torch.equal(weight[used], pretrained[used])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(tiny_models.build("llama-untied"), tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_smollm2_lora_with_compacted_tied_embeddings_equals_its_frozen_baseline():
     """Real SmolLM2 (tied), LoRA on attention: PEMA `frozen` trains exactly as the same PEFT run without PEMA with
     the embedding trainable and its unused rows frozen by a gradient hook. Bit for bit on CPU."""
