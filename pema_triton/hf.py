@@ -17,7 +17,7 @@ from .errors import PemaError
 from .handle import get_handle
 from .remap import validate_used_ids
 from .replace import restore_embeddings
-from .wrappers import is_peft_model, save_trained_rows_with_adapters
+from .wrappers import is_peft_model, route_peft_saves
 
 __all__ = ["PemaCallback", "UsedVocabularyCollator", "original_id_predictions"]
 
@@ -66,8 +66,7 @@ class PemaCallback(TrainerCallback):
         trainable again where their original trained, and kept in the adapters the PeftModel saves."""
         handle = get_handle(model) if model is not None else None
         if handle is not None and optimizer is None and is_peft_model(model):
-            if handle.train_compact_rows(where_the_original_trained=True):
-                save_trained_rows_with_adapters(model)
+            route_peft_saves(model, embedding_layers=handle.train_compact_rows(where_the_original_trained=True) > 0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and model is self._restored and get_handle(model) is None:

@@ -32,7 +32,7 @@ from .fused import fused_mode
 from .modes import OutputMode, output_mode
 from .remap import Compaction
 from .vocab import warn_missing_special_ids
-from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, save_trained_rows_with_adapters
+from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, route_peft_saves
 from .wrappers import trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
@@ -97,8 +97,8 @@ def replace_embeddings(
     warn_missing_special_ids(model, compaction, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
     _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
-    if peft_model is not None and handle.train_compact_rows():  # PEFT froze them with every base weight
-        save_trained_rows_with_adapters(peft_model)
+    if peft_model is not None:  # PEFT froze the compact rows with every base weight
+        route_peft_saves(peft_model, embedding_layers=handle.train_compact_rows() > 0)
     handle.finish(stats_before)
     return handle
 

@@ -10,7 +10,6 @@ Duck-typed, so that neither package is imported (both are optional).
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 from torch import nn
@@ -19,7 +18,7 @@ from .errors import PemaWarning, UnsupportedModuleError
 
 __all__ = [
     "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "refuse_split_tie",
-    "save_trained_rows_with_adapters", "trained_module",
+    "route_peft_saves", "trained_module",
 ]
 
 
@@ -167,17 +166,33 @@ def _is_modules_to_save(module: nn.Module) -> bool:
     return isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict) and hasattr(module, "original_module")
 
 
-def save_trained_rows_with_adapters(peft_model: nn.Module) -> None:
-    """Makes `peft_model.save_pretrained` save the embedding layers by default (`save_embedding_layers=True`).
+def route_peft_saves(peft_model: nn.Module, embedding_layers: bool) -> None:
+    """Makes `peft_model.save_pretrained` save what a compacted PeftModel needs (an instance attribute, set once).
 
-    Under plain LoRA `replace_embeddings` trains the used rows of the base model's matrices, which PEFT's adapter
-    save leaves out (it saves adapters and modules_to_save copies): reloaded onto a fresh base, the trained rows
-    would be lost. Lasts beyond restore, where those rows sit in the base matrices; an explicit
-    `save_embedding_layers=` still decides. An instance attribute, set once."""
-    if not isinstance(peft_model.__dict__.get("save_pretrained"), functools.partial):
-        peft_model.__dict__["save_pretrained"] = functools.partial(_save_with_embedding_layers, peft_model)
+    - While compacted it also writes `pema_compaction.json`, as a plain model's `save_pretrained` does: a Trainer
+      checkpoint of the PeftModel records which rows its optimizer state belongs to.
+    - With `embedding_layers` (replace_embeddings trained the used rows of the base model's matrices, which PEFT's
+      adapter save leaves out) `save_embedding_layers` defaults to True: reloaded onto a fresh base, an adapter
+      lost them. This lasts beyond restore, where those rows sit in the base matrices; an explicit
+      `save_embedding_layers=` still decides.
+    """
+    save = peft_model.__dict__.get("save_pretrained")
+    if not isinstance(save, _PeftSave):
+        save = peft_model.__dict__["save_pretrained"] = _PeftSave(peft_model)
+    save.embedding_layers |= embedding_layers
 
 
-def _save_with_embedding_layers(peft_model, *args, **kwargs):
-    kwargs.setdefault("save_embedding_layers", True)
-    return type(peft_model).save_pretrained(peft_model, *args, **kwargs)
+class _PeftSave:
+    def __init__(self, peft_model: nn.Module):
+        self.peft_model, self.embedding_layers = peft_model, False
+
+    def __call__(self, save_directory, *args, **kwargs):
+        from .handle import get_handle  # here: handle.py imports this module
+
+        if self.embedding_layers:
+            kwargs.setdefault("save_embedding_layers", True)
+        result = type(self.peft_model).save_pretrained(self.peft_model, save_directory, *args, **kwargs)
+        handle = get_handle(self.peft_model)
+        if handle is not None and kwargs.get("is_main_process", True):
+            handle.compaction.save(save_directory)
+        return result

@@ -15,8 +15,8 @@ from helpers.devices import DEVICE, ON_GPU
 from helpers.training import assert_same_training, train
 from torch import nn
 
-from pema_triton import PemaWarning, UnsupportedModuleError, get_handle, replace_embeddings, restore_embeddings
-from pema_triton import scan_vocabulary, special_token_ids
+from pema_triton import Compaction, PemaWarning, UnsupportedModuleError, get_handle, replace_embeddings
+from pema_triton import restore_embeddings, scan_vocabulary, special_token_ids
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -110,6 +110,9 @@ def test_an_adapter_saved_and_reloaded_keeps_the_trained_base_rows(modules_to_sa
     peft_model.save_pretrained(tmp_path / "mid")  # a Trainer checkpoint goes this way
     restore_embeddings(peft_model)
     peft_model.save_pretrained(tmp_path / "end")
+    # A checkpoint of the PeftModel records the rows its optimizer state is for, as one of a plain model does.
+    assert torch.equal(Compaction.load(tmp_path / "mid").used_ids, used)
+    assert not (tmp_path / "end" / "pema_compaction.json").exists()
     expected = peft_model.eval()(input_ids=ids).logits
     for adapter in ("mid", "end"):
         loaded = peft.PeftModel.from_pretrained(tiny_models.build("llama-untied"), tmp_path / adapter).eval()
