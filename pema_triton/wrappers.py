@@ -1,4 +1,4 @@
-"""The model inside a wrapper: what `replace_embeddings` compacts when it is given a PEFT or sentence-transformers model.
+"""The model inside a wrapper: what `replace_embeddings` compacts when given a PEFT or sentence-transformers model.
 
 Fine-tuners hold the model they train through a wrapper: `peft.get_peft_model` returns a `PeftModel` whose
 base model owns the embeddings, and a `SentenceTransformer` is an `nn.Sequential` whose first module holds the
