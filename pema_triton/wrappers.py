@@ -113,6 +113,13 @@ def check_embedding_wrappers(handle, model: nn.Module, args) -> None:
         trained = _unwrapped(embedding, wrapper)
     except UnsupportedModuleError as err:
         raise UnsupportedModuleError(f"{err}. It was wrapped after replace_embeddings: {_ORDER}") from None
+    copies = embedding.modules_to_save.values() if _is_modules_to_save(embedding) else ()
+    if trained not in handle.embeddings and any(m in handle.embeddings for m in copies):
+        raise UnsupportedModuleError(
+            f"the active PEFT adapter's modules_to_save copy of the input embedding is not the compacted one: another "
+            f"adapter's copy was compacted (set_adapter switched after replace_embeddings). Switch back, or "
+            f"restore_embeddings, set_adapter, then replace_embeddings again"
+        )
     if trained not in handle.embeddings:
         raise UnsupportedModuleError(
             f"the compacted input embedding is inside a PEFT {wrapper} added after replace_embeddings, which trains a "

@@ -196,6 +196,21 @@ def test_peft_wrappers_added_after_replace_are_refused_and_restore_still_merges(
     assert torch.equal(base.weight, pretrained)
 
 
+def test_switching_to_another_adapters_copy_is_refused_and_switching_back_runs():
+    model = tiny_models.build("llama-untied")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    peft_model = _peft(model, "llama-untied", modules_to_save=["embed_tokens"])
+    replace_embeddings(peft_model, used)
+    peft_model.add_adapter("other", peft.LoraConfig(target_modules=ATTENTION["llama-untied"], r=2,
+                                                    modules_to_save=["embed_tokens"]))
+    peft_model.set_adapter("other")
+    with pytest.raises(UnsupportedModuleError, match="another adapter's copy was compacted"):
+        peft_model(input_ids=ids)
+    peft_model.set_adapter("default")
+    peft_model(input_ids=ids)
+    restore_embeddings(peft_model)
+
+
 def test_lora_after_replace_warns_that_peft_froze_the_rows():
     model = tiny_models.build("llama-untied")
     used, ids = tiny_models.used_ids_and_batch(model)
