@@ -250,6 +250,31 @@ def test_pema_then_lora_under_the_trainer_trains_the_rows_peft_froze(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_a_trainer_run_of_a_compacted_peft_model_resumes_bit_for_bit(tmp_path):
+    """The Trainer checkpoints a PeftModel through its save_pretrained: LoRA weights, the base embedding layers
+    (their used rows train), pema_compaction.json and the [U, D] optimizer state. Resumed at step 2 of 4 into a
+    freshly compacted PeftModel, the run ends where the uninterrupted one does."""
+    from pema_triton.hf import PemaCallback
+
+    used, _ = tiny_models.used_ids_and_batch(tiny_models.build("llama-untied"))
+    data = tiny_models.token_dataset(used, 16)
+
+    def run(resume_from=None):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        peft_model = _peft(tiny_models.build("llama-untied"), "llama-untied")
+        replace_embeddings(peft_model, used)
+        args = tiny_models.trainer_args(tmp_path, max_steps=4, save_steps=2, save_strategy="steps")
+        transformers.Trainer(model=peft_model, args=args, train_dataset=data,
+                             callbacks=[PemaCallback()]).train(resume_from_checkpoint=resume_from)
+        return peft_model.state_dict()
+
+    uninterrupted = run()
+    assert torch.equal(Compaction.load(tmp_path / "checkpoint-2").used_ids, used)
+    resumed = run(resume_from=str(tmp_path / "checkpoint-2"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(v, uninterrupted[k]) for k, v in resumed.items())
+
+
 def test_smollm2_lora_with_compacted_tied_embeddings_equals_its_frozen_baseline():
     """Real SmolLM2 (tied), LoRA on attention: PEMA `frozen` trains exactly as the same PEFT run without PEMA with
     the embedding trainable and its unused rows frozen by a gradient hook. Bit for bit on CPU."""
