@@ -1,7 +1,8 @@
 """PEFT beside PEMA: LoRA on attention with compacted embeddings, PEFT's `modules_to_save` copies compacted inside
 their wrappers, and what PEFT does after `replace_embeddings` refused or warned about (:mod:`pema_triton.wrappers`).
 
-The order that works for everything: `get_peft_model` first, then `replace_embeddings(peft_model, used_ids)`.
+The order that works for everything: `get_peft_model` first, then `replace_embeddings(peft_model, used_ids)`. The
+other order works for plain LoRA under the Trainer (PemaCallback makes the rows PEFT froze trainable again).
 Tiny models for breadth; real SmolLM2 (tied) for the promise: LoRA + compacted embeddings train exactly as the
 same PEFT run without PEMA with the unused rows frozen.
 """
