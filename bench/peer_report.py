@@ -79,11 +79,11 @@ def notes(cfg, rows, scans, load) -> list[str]:
     found = [f"{NAMES[r['method']]}: {n}" for r in ok for n in r["notes"]]
     scan = next((s for s in scans if s["status"] == "ok"), scans[0])
     return found + [
-        f"Set-up: each method's own scan and compaction, plus what it makes the user redo: TSTV tokenizes the texts "
-        f"again with the rewritten tokenizer (its scan tokenizes every whole text, untruncated, one at a time); "
-        f"upstream rewrites the dataset; PEFT's used ids come from `torch.unique` over the id column (PEFT takes "
-        f"ids, it has no scan). Merge-back: restore_embeddings / upstream's restore / recreate_vocab / "
-        f"merge_and_unload.",
+        "Set-up: each method's own scan and compaction, plus what it makes the user redo: TSTV tokenizes the texts "
+        "again with the rewritten tokenizer (its scan tokenizes every whole text, untruncated, one at a time); "
+        "upstream rewrites the dataset; PEFT's used ids come from `torch.unique` over the id column (PEFT takes "
+        "ids, it has no scan). Merge-back: restore_embeddings / upstream's restore / recreate_vocab / "
+        "merge_and_unload.",
         "Peak RSS: not measured (--in-process: every method ran in one process)." if all(
             r["peak_rss_bytes"] is None for r in ok) else
         "Peak RSS: each method runs in a fresh process (`python bench/peers.py --child METHOD`). \"Process\" is "

@@ -7,11 +7,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
+from torch import nn
 
 from .distributed import in_distributed_job, largest_across_ranks, union_across_ranks
 from .errors import PemaDTypeError, PemaError, PemaWarning
 from .ops import resolve_backend, scan_ids
-from .remap import build_remap, validate_used_ids
+from .remap import Compaction, build_remap, validate_used_ids
 
 __all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids", "used_ids_from_byte_map"]
 

@@ -17,8 +17,8 @@ from torch import nn
 from .errors import PemaWarning, UnsupportedModuleError
 
 __all__ = [
-    "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "refuse_split_tie",
-    "route_peft_saves", "trained_module",
+    "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "route_peft_saves",
+    "trained_module",
 ]
 
 
@@ -60,7 +60,7 @@ def trained_module(model: nn.Module, module: nn.Module, path: str, restricted: b
     """
     trained = _unwrapped(module, path)
     if isinstance(getattr(trained, "weight", None), nn.Parameter):
-        refuse_split_tie(model, trained)
+        _refuse_split_tie(model, trained)
     if restricted and trained is not module:
         raise UnsupportedModuleError(
             f"{path!r} is a PEFT modules_to_save wrapper: with output='restricted' its compact copy gives U logit "
@@ -116,9 +116,9 @@ def check_embedding_wrappers(handle, model: nn.Module, args) -> None:
     copies = embedding.modules_to_save.values() if _is_modules_to_save(embedding) else ()
     if trained not in handle.embeddings and any(m in handle.embeddings for m in copies):
         raise UnsupportedModuleError(
-            f"the active PEFT adapter's modules_to_save copy of the input embedding is not the compacted one: another "
-            f"adapter's copy was compacted (set_adapter switched after replace_embeddings). Switch back, or "
-            f"restore_embeddings, set_adapter, then replace_embeddings again"
+            "the active PEFT adapter's modules_to_save copy of the input embedding is not the compacted one: another "
+            "adapter's copy was compacted (set_adapter switched after replace_embeddings). Switch back, or "
+            "restore_embeddings, set_adapter, then replace_embeddings again"
         )
     if trained not in handle.embeddings:
         raise UnsupportedModuleError(
@@ -145,7 +145,7 @@ def _warn_if_peft_froze_the_rows(handle, model: nn.Module) -> None:
         )
 
 
-def refuse_split_tie(model: nn.Module, module: nn.Module) -> None:
+def _refuse_split_tie(model: nn.Module, module: nn.Module) -> None:
     """Raises if `module` (an embedding or head to compact) is one side of a tied matrix that PEFT's
     `modules_to_save` split: a copy trains on one side while a module on the other side still holds the original
     (GPT-2's lm_head beside a `wte` copy, T5's encoder and decoder beside a `shared` copy, which they never call)."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import real_assets, tiny_models
 from helpers.devices import DEVICE, ON_GPU
+from helpers.state import assert_state, snapshot
 from helpers.training import assert_same_training, train
 from torch import nn
 
@@ -141,11 +142,11 @@ def test_modules_to_save_naming_one_side_of_a_tied_matrix_is_refused(arch, one_s
     model = tiny_models.build(arch)
     used, _ = tiny_models.used_ids_and_batch(model)
     peft_model = _peft(model, arch, modules_to_save=one_side)
-    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    before = snapshot(peft_model)
     with pytest.raises(UnsupportedModuleError, match="one side of a tied matrix.*ensure_weight_tying=True"):
         replace_embeddings(peft_model, used, output=output)
     assert get_handle(peft_model) is None
-    assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())
+    assert_state(peft_model, before)
 
 
 @pytest.mark.parametrize("config, output, match", [
@@ -172,11 +173,11 @@ def test_trainable_token_indices_are_refused_with_the_model_untouched():
     model = tiny_models.build("llama-untied")
     used, ids = tiny_models.used_ids_and_batch(model)
     peft_model = _peft(model, "llama-untied", trainable_token_indices=[int(used[3])])
-    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    before = snapshot(peft_model)
     with pytest.raises(UnsupportedModuleError, match="trainable_token_indices"):
         replace_embeddings(peft_model, used)
     assert get_handle(peft_model) is None
-    assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())
+    assert_state(peft_model, before)
 
 
 @pytest.mark.parametrize("config", [{"trainable_token_indices": [3]}, {"modules_to_save": ["embed_tokens"]}])

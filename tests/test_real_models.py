@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers.devices import BACKENDS, DEVICE, ON_GPU
 
 from helpers import real_assets
-from helpers.training import LR, STEPS, assert_same_training as _assert_same_training, train as _train
+from helpers.training import STEPS, assert_same_training as _assert_same_training, train as _train
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids
 
 transformers = pytest.importorskip("transformers")
