@@ -2,11 +2,11 @@
 
 Parts (each one command of at most 8 minutes on an H100; a part stops adding cases when its time budget is spent
 and lists the cases it skipped):
-    tests    the kernel test files on CUDA (tests/test_lookup.py, test_scan.py, test_linear_ce.py,
+    tests    the kernel test files on CUDA (tests/test_lookup.py, test_scan.py, test_linear_cross_entropy.py,
              test_modules.py, test_id_check.py), then the other tests marked `gpu`
     kernels  lookup and backward (bench/kernel_cases.py)
     scan     the vocabulary scan at 10^8 ids (bench/scan_cases.py)
-    head     the LM head + loss (bench/loss.py, GPU shapes)
+    head     the LM head + loss (bench/linear_cross_entropy.py, GPU shapes)
     memory   one training step's memory (bench/memory.py)
     all      every part in turn (longer than one 10-minute command: for a machine of your own)
 
@@ -36,7 +36,7 @@ REPO = BENCH.parent
 PARTS = ["tests", "kernels", "scan", "head", "memory"]
 # Seconds each part may spend on cases (start-up and the last case come on top): inside 8 minutes on an H100.
 BUDGET_S = {"tests": 420, "kernels": 330, "scan": 240, "head": 360, "memory": 300}
-KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_ce.py", "tests/test_modules.py",
+KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_cross_entropy.py", "tests/test_modules.py",
                 "tests/test_id_check.py"]
 
 
@@ -189,7 +189,7 @@ def _junit_counts(path: Path) -> dict:
 
 
 def part_head(out: Path, budget, dry: bool) -> bool:
-    return _subprocess_part("head", [sys.executable, str(BENCH / "loss.py"), "--out", str(out), "--budget",
+    return _subprocess_part("head", [sys.executable, str(BENCH / "linear_cross_entropy.py"), "--out", str(out), "--budget",
                                      str(budget.seconds), "--stem", "head"] + (["--rounds", "1"] if dry else []), out, budget) == 0
 
 

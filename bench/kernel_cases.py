@@ -25,7 +25,7 @@ from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, skipp
 from ids import MissingIds, ids_for
 
 import pema_triton
-from pema_triton.remap import build_remap
+from pema_triton.ops import build_remap
 
 LOOKUP_PROVIDERS = ["pema", "pema-nocheck", "F.embedding-remapped"]
 BACKWARD_PROVIDERS = ["pema", "pema-atomic", "pema-sorted", "nn.Embedding-full-V"]

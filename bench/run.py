@@ -34,13 +34,13 @@ def run_kernels() -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["kernels", "memory", "loss", "vocab", "trim", "peers"], action="append")
+    p.add_argument("--only", choices=["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"], action="append")
     args = p.parse_args(argv)
-    only = set(args.only or ["kernels", "memory", "loss", "vocab", "trim", "peers"])
+    only = set(args.only or ["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"])
     RESULTS.mkdir(exist_ok=True)
     failed = [] if "kernels" not in only or run_kernels() else ["kernels"]
     # Each script below reports its own failing cases in its table; a script that crashes stops nothing else.
-    for name, script in (("memory", "memory.py"), ("loss", "loss.py"), ("vocab", "vocab_usage.py"),
+    for name, script in (("memory", "memory.py"), ("linear_cross_entropy", "linear_cross_entropy.py"), ("vocab", "vocab_usage.py"),
                          ("trim", "trim.py"), ("peers", "peers.py")):
         if name in only and subprocess.run([sys.executable, str(BENCH / script)]).returncode != 0:
             failed.append(name)

@@ -100,7 +100,7 @@ def scan_provider(provider: str, ids: torch.Tensor, V: int, expected: torch.Tens
 
 def _packed(ids, V):
     try:
-        from pema_triton.kernels import mark_ids_packed, used_ids_from_packed
+        from pema_triton.ops.kernels import scan_ids_packed, used_ids_from_packed
     except ImportError as missing:
         raise Unavailable(f"Triton is not installed: {missing}") from None
     if pema_triton.resolve_backend("auto", ids.device) != "triton":
@@ -109,7 +109,7 @@ def _packed(ids, V):
 
     def packed():
         words.zero_()
-        mark_ids_packed(ids, words, V)
+        scan_ids_packed(ids, words, V)
         return used_ids_from_packed(words, V)
 
     return packed

@@ -24,8 +24,9 @@ from .embedding import CompactEmbedding
 from .handle import PemaHandle, get_handle
 from .head import CompactLMHead
 from .modes import OutputMode
-from .ops import HAS_TRITON, compact_embedding, compact_embedding_backward, resolve_backend, scan_ids
-from .remap import Compaction, build_remap
+from .ops import (
+    HAS_TRITON, Compaction, build_remap, compact_embedding, compact_embedding_backward, resolve_backend, scan_ids,
+)
 from .replace import replace_embeddings, restore_embeddings
 from .trim import save_trimmed
 from .vocab import VocabularyScan, scan_vocabulary, special_token_ids

@@ -17,8 +17,9 @@ from ._compact_module import check_convertible, compact_class, compact_parameter
 from .errors import UnsupportedModuleError
 from .guards import check_managed, mark_compacted
 from .id_check import BadIdWatch, check_ids_option
-from .ops import compact_embedding_unchecked, resolve_backend
-from .remap import Compaction, compact_rows, raise_for_out_of_range
+from .ops.dispatch import resolve_backend
+from .ops.lookup import compact_embedding_unchecked
+from .ops.remap import Compaction, compact_rows, raise_for_out_of_range
 
 __all__ = ["CompactEmbedding"]
 
@@ -40,7 +41,7 @@ class CompactEmbedding(nn.Embedding):
 
     Args:
         embedding: the full `nn.Embedding` (or a subclass); not modified.
-        used_ids: [U] sorted unique ids in [0, V) to keep (or a :class:`~pema_triton.remap.Compaction`).
+        used_ids: [U] sorted unique ids in [0, V) to keep (or a :class:`~pema_triton.ops.Compaction`).
         backend: "auto", "triton" or "torch" (see :mod:`pema_triton.ops`).
         deterministic: backward without atomics; None follows `torch.are_deterministic_algorithms_enabled()`.
         check_ids: raise on ids outside the used set: True (default) without a host sync on CUDA, raising at a

@@ -20,7 +20,7 @@ from .distributed import refuse_sharded_restore, whole
 from .errors import NotCompactedError
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
-from .remap import Compaction, labels_to_columns
+from .ops.remap import Compaction, labels_to_columns
 from .wrappers import inner_model
 
 logger = logging.getLogger(__name__)
@@ -168,16 +168,20 @@ class PemaHandle:
         """Makes the frozen compact Parameters trainable (under PEFT, which froze them with every base weight); with
         `where_the_original_trained`, only those whose full original trained at replace time (PEFT froze them
         after). Returns how many it made trainable."""
-        head = self.heads[0] if self.heads else None
-        kept_head = self.kept_input if self.tied else self.kept_head_weight
-        pairs = {id(p): (p, kept) for p, kept in ((self.embeddings[0].weight, self.kept_input),
-                                                 (getattr(head, "weight", None), kept_head),
-                                                 (getattr(head, "bias", None), self.kept_head_bias)) if p is not None}
-        frozen = [p for p, kept in pairs.values() if not p.requires_grad
-                  and (not where_the_original_trained or (kept is not None and kept.param.requires_grad))]
-        for param in frozen:
+        compact_and_original = [(self.embeddings[0].weight, self.kept_input)]
+        if self.heads:
+            head = self.heads[0]
+            compact_and_original.append((head.weight, self.kept_input if self.tied else self.kept_head_weight))
+            compact_and_original.append((head.bias, self.kept_head_bias))
+        made_trainable = []
+        for param, kept in compact_and_original:
+            if param is None or param.requires_grad:
+                continue  # no such Parameter, or trainable already (a tied head's weight is the embedding's)
+            if where_the_original_trained and (kept is None or not kept.param.requires_grad):
+                continue
             param.requires_grad_(True)
-        return len(frozen)
+            made_trainable.append(param)
+        return len(made_trainable)
 
     def finish(self, stats_before: tuple[int, int]) -> None:
         """After a successful compaction: sizes measured, the handle on the model."""

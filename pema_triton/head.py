@@ -16,7 +16,7 @@ from ._compact_module import check_convertible, compact_class, compact_parameter
 from .errors import PemaError
 from .guards import check_managed, mark_compacted
 from .modes import OutputMode, head_mode
-from .remap import Compaction
+from .ops.remap import Compaction
 
 __all__ = ["CompactLMHead"]
 
@@ -39,7 +39,7 @@ class CompactLMHead(nn.Linear):
 
     Args:
         linear: the full head, weight [V, D], optional bias [V]; not modified.
-        used_ids: [U] sorted unique ids in [0, V) (or a :class:`~pema_triton.remap.Compaction`).
+        used_ids: [U] sorted unique ids in [0, V) (or a :class:`~pema_triton.ops.Compaction`).
         output: "frozen" or "restricted".
         weight: an existing [U, D] Parameter to use as the trainable rows, e.g. a tied model's
             `CompactEmbedding.weight` built from the same `used_ids`; None copies the used rows of `linear`.
@@ -83,8 +83,8 @@ class CompactLMHead(nn.Linear):
 
     def uncompact_(self, full_weight: nn.Parameter, full_bias: nn.Parameter | None, original_class: type) -> nn.Linear:
         """Undoes :meth:`convert_` (merge the trained rows first with :meth:`merge_into`)."""
-        for name in ("used_ids", *self.output_mode.head_buffers):
-            self._buffers.pop(name, None)
+        self.output_mode.teardown_head(self)
+        self._buffers.pop("used_ids", None)
         for name in _COMPACT_ATTRS:
             self.__dict__.pop(name, None)
         self.weight, self.bias = full_weight, full_bias

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from .errors import PemaError
 from .handle import get_handle
-from .remap import validate_used_ids
+from .ops.remap import validate_used_ids
 from .replace import restore_embeddings
 from .wrappers import is_peft_model, route_peft_saves
 

@@ -24,7 +24,7 @@ from collections import deque
 import torch
 
 from .errors import PemaError, UnusedIdError
-from .remap import raise_for_bad_ids
+from .ops.remap import raise_for_bad_ids
 
 __all__ = ["CHECK_IDS", "BadIdWatch", "check_ids_option"]
 

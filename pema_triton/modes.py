@@ -4,9 +4,9 @@
   emits with its frozen row.
 - "restricted": U rows only; logits [..., U]; `config.vocab_size` is U, labels are remapped to compact columns,
   and `generate()` / `save_pretrained()` see V columns and V.
-- None: the head is left alone (untied models only); as "frozen" for `generate()`.
+- None (:class:`UntouchedHead`): the head is left alone (untied models only); as "frozen" for `generate()`.
 
-Each mode is one object that knows how it sets up and runs a :class:`~pema_triton.head.CompactLMHead`, what a
+Each takes `fused_loss=True` (`mode.fused`, :mod:`pema_triton.fused_loss`) where it compacts the head. Each mode is one object that knows how it sets up and runs a :class:`~pema_triton.head.CompactLMHead`, what a
 converted head must give on the original's logits (the probe), how it patches the model and how that is undone:
 nothing outside this module branches on the mode's name.
 """
@@ -14,20 +14,23 @@ nothing outside this module branches on the mode's name.
 from __future__ import annotations
 
 import functools
-import inspect
-import warnings
-from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import register_sliced_buffer
-from .errors import PemaError, PemaWarning
+from .errors import PemaError
+from .fused_loss import FusedLoss
 from .guards import check_full_vocabulary_logits
-from .head_ops import frozen_head_linear
-from .remap import labels_to_columns
+from .model_patches import (
+    embedding_unused_ids, full_vocabulary, remap_labels, set_vocab_size, slice_logit_biases, vocab_configs, wrap_method,
+)
+from .ops.frozen_head_linear import frozen_head_linear
+from .ops.remap import build_remap
 
-__all__ = ["FROZEN", "INPUT_ONLY", "OUTPUT_MODES", "RESTRICTED", "OutputMode", "head_mode", "output_mode"]
+__all__ = [
+    "FROZEN", "FUSED_FROZEN", "FUSED_RESTRICTED", "OUTPUT_MODES", "RESTRICTED", "UNTOUCHED", "OutputMode", "head_mode",
+    "output_mode",
+]
 
 
 class OutputMode:
@@ -35,7 +38,7 @@ class OutputMode:
 
     name: str | None = None
     compacts_head = True
-    fused_loss = False  # the loss computed with the head, without logits (pema_triton.fused)
+    fused_loss = False  # the loss computed with the head, without logits (pema_triton.fused_loss)
     logits_over_used_ids = False  # logits [..., U] (column i for used_ids[i]) rather than [..., V]
     head_buffers: tuple[str, ...] = ()  # buffers setup_head adds to a head, removed when it is uncompacted
 
@@ -45,6 +48,11 @@ class OutputMode:
 
     def setup_head(self, head, full_weight: torch.Tensor, full_bias: torch.Tensor | None) -> None:
         """Adds what the mode keeps of the full head [V, D] / [V] to a head being compacted."""
+
+    def teardown_head(self, head) -> None:
+        """Removes what `setup_head` added, as the head is uncompacted."""
+        for name in self.head_buffers:
+            head._buffers.pop(name, None)
 
     def head_forward(self, head, hidden: torch.Tensor) -> torch.Tensor:
         """[*, D] -> the head's logits."""
@@ -64,6 +72,11 @@ class OutputMode:
         """A [V, D] matrix on the head's device holding every frozen row, or None."""
         return None
 
+    @property
+    def fused(self) -> OutputMode:
+        """This mode with `fused_loss=True`: the loss computed with the head, without logits."""
+        raise PemaError(f"fused_loss=True needs output='frozen' or 'restricted' (a compacted head), got {self!r}")
+
     # -- the model -------------------------------------------------------------------------------------------
     def check_tied(self, tied_head_path: str | None) -> None:
         """Raises if this mode cannot keep a head tied to the input embedding (at `tied_head_path`) tied."""
@@ -74,7 +87,7 @@ class OutputMode:
         Full-vocabulary logits may make `generate()` pick an id the data never used: it is embedded with its
         frozen row, as full fine-tuning with the unused rows frozen would.
         """
-        _wrap_method(handle, "generate", functools.partial(_embedding_unused_ids, handle))
+        wrap_method(handle, "generate", functools.partial(embedding_unused_ids, handle))
         hook = handle.model.register_forward_hook(functools.partial(check_full_vocabulary_logits, handle))
         handle.on_undo(hook.remove)
 
@@ -120,6 +133,10 @@ class FrozenHead(OutputMode):
     def frozen_rows(self, head):
         return head.frozen_weight
 
+    @property
+    def fused(self):
+        return FUSED_FROZEN
+
 
 class RestrictedHead(OutputMode):
     """Logits over the used ids only ([..., U]): a softmax over the scanned vocabulary."""
@@ -144,17 +161,36 @@ class RestrictedHead(OutputMode):
     def patch_model(self, handle):
         """Logit biases sliced to U, `config.vocab_size` U, labels remapped to compact columns, and V columns
         (with `config.vocab_size` V) during `generate()` and `save_pretrained()`."""
-        _slice_logit_biases(handle)
-        configs = _vocab_configs(handle)
-        _set_vocab_size(handle, configs, handle.compaction.num_used)
-        hook = handle.model.register_forward_pre_hook(functools.partial(_remap_labels, handle), with_kwargs=True)
+        slice_logit_biases(handle)
+        configs = vocab_configs(handle)
+        set_vocab_size(handle, configs, handle.compaction.num_used)
+        hook = handle.model.register_forward_pre_hook(functools.partial(remap_labels, handle), with_kwargs=True)
         handle.on_undo(hook.remove)
         for method in ("generate", "save_pretrained"):
-            _wrap_method(handle, method, functools.partial(_full_vocabulary, handle, configs))
+            wrap_method(handle, method, functools.partial(full_vocabulary, handle, configs))
+
+    @property
+    def fused(self):
+        return FUSED_RESTRICTED
 
 
-FROZEN, RESTRICTED, INPUT_ONLY = FrozenHead(), RestrictedHead(), UntouchedHead()
-OUTPUT_MODES = {mode.name: mode for mode in (FROZEN, RESTRICTED, INPUT_ONLY)}
+class FusedFrozenHead(FusedLoss, FrozenHead):
+    """`frozen` with the fused loss: the head's rows from the compact Parameter (used ids) and the frozen buffer."""
+
+    def loss_remap(self, head):
+        return build_remap(head.used_ids, head.num_embeddings)
+
+
+class FusedRestrictedHead(FusedLoss, RestrictedHead):
+    """`restricted` with the fused loss: a softmax over the U used rows, every one trainable (no frozen rows)."""
+
+    def loss_remap(self, head):
+        return torch.arange(head.num_used, dtype=torch.int32, device=head.used_ids.device)
+
+
+FROZEN, RESTRICTED, UNTOUCHED = FrozenHead(), RestrictedHead(), UntouchedHead()
+FUSED_FROZEN, FUSED_RESTRICTED = FusedFrozenHead(), FusedRestrictedHead()
+OUTPUT_MODES = {mode.name: mode for mode in (FROZEN, RESTRICTED, UNTOUCHED)}
 
 
 def output_mode(output: str | None | OutputMode) -> OutputMode:
@@ -176,130 +212,3 @@ def head_mode(output: str | OutputMode) -> OutputMode:
     return mode
 
 
-# -- model patches -------------------------------------------------------------------------------------------
-# Every patch and undo step is a bound method or a functools.partial of a module-level function, never a closure:
-# `copy.deepcopy(model)` (EMA copies, AveragedModel) then rebinds each to the copy, and pickling works.
-
-
-class _InContext:
-    """`model.<method>` run inside `context()`: an instance attribute of the model while it is compacted."""
-
-    def __init__(self, method, context):
-        self.method, self.context = method, context
-        functools.update_wrapper(self, method)
-
-    def __call__(self, *args, **kwargs):
-        with self.context():
-            return self.method(*args, **kwargs)
-
-    def __reduce__(self):
-        # Not the attributes update_wrapper copied (`__annotations__` holds ForwardRefs that cannot be pickled).
-        return _InContext, (self.method, self.context)
-
-
-def _wrap_method(handle, name: str, context) -> None:
-    """Makes `model.<name>` run inside `context()`, as an instance attribute that undo removes."""
-    if hasattr(handle.model, name):
-        handle.patch(handle.model, name, _InContext(getattr(handle.model, name), context))
-
-
-def _put_buffer(module, name: str, buffer: torch.Tensor) -> None:
-    module._buffers[name] = buffer
-
-
-@contextmanager
-def _embedding_unused_ids(handle):
-    """Every compacted input embedding embeds unused ids with their frozen rows: a tied frozen head holds all of
-    them on the device already; otherwise they come from the kept original matrix (on the CPU when offloaded: a
-    few rows a step)."""
-    rows = handle.output_mode.frozen_rows(handle.heads[0]) if handle.tied and handle.heads else None
-    rows = handle.kept_input.param.data if rows is None else rows
-    with ExitStack() as stack:
-        for embedding in handle.embeddings:
-            stack.enter_context(embedding.embedding_unused_ids(rows))
-        yield
-
-
-@contextmanager
-def _full_vocabulary(handle, configs):
-    """V-column logits indexed by original ids (unused ids at the lowest logit, never picked) and
-    `config.vocab_size = V`, so generate() feeds back original ids and save_pretrained() writes V."""
-    with ExitStack() as stack:
-        for head in handle.heads:
-            stack.enter_context(head.full_vocabulary_logits())
-        _set_vocab_size(None, configs, handle.compaction.vocab_size)
-        try:
-            yield
-        finally:
-            _set_vocab_size(None, configs, handle.compaction.num_used)
-
-
-def _vocab_configs(handle) -> list:
-    """The model's config (and its text config, for multimodal models) where it states V."""
-    config = getattr(handle.model, "config", None)
-    configs = [config, getattr(config, "get_text_config", lambda: None)()] if config is not None else []
-    vocab_size = handle.compaction.vocab_size
-    return list({id(c): c for c in configs if c is not None and getattr(c, "vocab_size", None) == vocab_size}.values())
-
-
-def _set_vocab_size(handle, configs: list, vocab_size: int) -> None:
-    """Sets `vocab_size` on every config; with a handle, its undo puts the original V back."""
-    for config in configs:
-        config.vocab_size = vocab_size
-    if handle is not None:
-        handle.on_undo(functools.partial(_set_vocab_size, None, configs, handle.compaction.vocab_size))
-
-
-def _slice_logit_biases(handle) -> None:
-    """Logit biases added after the head (BART's `final_logits_bias` [1, V]) shrink with the logits to [1, U]."""
-    vocab_size = handle.compaction.vocab_size
-    for module in handle.model.modules():
-        for name, buffer in list(module._buffers.items()):
-            if name.endswith("logits_bias") and buffer is not None and buffer.shape[-1] == vocab_size:
-                module._buffers[name] = buffer.index_select(-1, handle.compaction.used_ids.to(buffer.device))
-                handle.on_undo(functools.partial(_put_buffer, module, name, buffer))
-                register_sliced_buffer(handle, module, name, buffer)
-
-
-def _remap_labels(handle, model, args, kwargs):
-    """Forward pre-hook: labels in original ids (by keyword or by position) become compact columns for the
-    [..., U] logits. A training forward without labels gets a warning: a loss computed outside the model (the
-    Trainer's label smoothing, a custom loss) must remap its labels too."""
-    if "labels" not in kwargs and args:
-        args, kwargs = arguments_by_name(model, args, kwargs)
-    labels = kwargs.get("labels")
-    if labels is None:
-        if model.training:
-            warnings.warn(
-                "a training forward of a model compacted with output='restricted' got no labels: its logits are over "
-                "the U used ids (column i is used_ids[i]), so a loss computed outside the model (such as the Trainer's "
-                "label smoothing) must use handle.labels_to_columns(labels)", PemaWarning, stacklevel=2)
-        return args, kwargs
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and kwargs.get(
-        "decoder_input_ids"
-    ) is None and hasattr(model, "prepare_decoder_input_ids_from_labels"):
-        # Decoder inputs come from the labels in *original* ids, before the labels become compact columns.
-        kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
-    # The table is read at each call: `model.to("cuda")` after replace puts a new tensor in the buffer.
-    remap = handle.embeddings[0].remap
-    kwargs["labels"] = labels_to_columns(labels, remap.to(labels.device))
-    return args, kwargs
-
-
-def arguments_by_name(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Positional arguments of `model.forward` passed by keyword instead, so `labels` is found wherever it is."""
-    signature = inspect.signature(model.forward)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return args, kwargs  # the forward raises its own error
-    named = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            return args, kwargs  # no names to give
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        else:
-            named[name] = value
-    return (), named

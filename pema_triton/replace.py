@@ -28,9 +28,8 @@ from .guards import refuse_vocabulary_changes
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
 from .id_check import check_ids_option
-from .fused import fused_mode
 from .modes import OutputMode, output_mode
-from .remap import Compaction
+from .ops.remap import Compaction
 from .vocab import warn_missing_special_ids
 from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, route_peft_saves
 from .wrappers import trained_module
@@ -70,7 +69,7 @@ def replace_embeddings(
             they are. A `frozen` head keeps its own [V, D] copy on the model's device: it needs the unused rows.
         backend, deterministic, check_ids: passed to every :class:`CompactEmbedding` (:mod:`pema_triton.id_check`).
         fused_loss: in training with `labels`, compute the causal-LM loss with the head, without the logits
-            (:mod:`pema_triton.fused`); needs output="frozen" or "restricted".
+            (:mod:`pema_triton.fused_loss`); needs output="frozen" or "restricted".
         tokenizer: optional; its pad / unk / bos / eos ids missing from `used_ids` are warned about.
         process_group: in a `torch.distributed` job, the ranks that must pass the same used ids (else
             `UsedIdsError` names them); default all. DDP never broadcasts the compacted modules' buffers.
@@ -88,19 +87,25 @@ def replace_embeddings(
         >>> handle = replace_embeddings(model, scan_vocabulary(dataset, len(tokenizer), keep=special_token_ids(tok)))
     """
     _refuse_compacted(model)
-    peft_model, model = model if is_peft_model(model) else None, inner_model(model)
+    peft_model, model = _peft_and_inner_model(model)
     check_ids_option(check_ids)
-    mode, offload = fused_mode(output_mode(output)) if fused_loss else output_mode(output), _offload_device(offload)
+    mode = output_mode(output).fused if fused_loss else output_mode(output)
     targets = _Targets.find(model, mode)
     compaction = Compaction.of(used_ids, targets.vocab_size)
     _check_every_rank(compaction, process_group)
     warn_missing_special_ids(model, compaction, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
-    _compact(handle, targets, offload, backend=backend, deterministic=deterministic, check_ids=check_ids)
+    _compact(handle, targets, _offload_device(offload), backend=backend, deterministic=deterministic, check_ids=check_ids)
     if peft_model is not None:  # PEFT froze the compact rows with every base weight
         route_peft_saves(peft_model, embedding_layers=handle.train_compact_rows() > 0)
     handle.finish(stats_before)
     return handle
+
+
+def _peft_and_inner_model(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """The PeftModel given (or None), and the model whose embeddings are compacted (:mod:`pema_triton.wrappers`)."""
+    peft_model = model if is_peft_model(model) else None
+    return peft_model, inner_model(model)
 
 
 def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None, **embedding_options) -> None:
@@ -234,7 +239,7 @@ class _Targets:
                     f"no output embedding; use output=None only on untied models"
                 )
             return
-        head = trained_module(model, head, _module_path(model, head), restricted=mode.name == "restricted")
+        head = trained_module(model, head, _module_path(model, head), restricted=mode.logits_over_used_ids)
         if not isinstance(head, nn.Linear):
             raise UnsupportedModuleError(
                 f"the output embedding {_module_path(model, head)!r} is a {type(head).__name__}, not an nn.Linear; "

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import PemaError, SaveDirectoryError, UnsupportedModuleError, UsedIdsError, VocabularySizeError
 from .handle import get_handle
-from .remap import validate_used_ids
+from .ops.remap import validate_used_ids
 from .tokenizer_trim import kept_token_ids, write_trimmed_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ def test_pytest_benchmark_front_end_runs_the_same_checked_cases(tmp_path):
 
 
 def test_loss_benchmark_runs_each_provider_and_they_agree(tmp_path):
-    """bench/loss.py on a small case: every CPU provider runs, and the frozen ones give one loss."""
+    """bench/linear_cross_entropy.py on a small case: every CPU provider runs, and the frozen ones give one loss."""
     import json
 
     import torch
@@ -59,7 +59,7 @@ def test_loss_benchmark_runs_each_provider_and_they_agree(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     losses = {}
     for provider in ("unfused frozen", "fused frozen", "fused restricted", "restricted"):
-        result = subprocess.run([sys.executable, str(BENCH / "loss.py"), "--one", provider, "0", "64", str(used_file),
+        result = subprocess.run([sys.executable, str(BENCH / "linear_cross_entropy.py"), "--one", provider, "0", "64", str(used_file),
                                  "--rounds", "1"], capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         row = json.loads(result.stdout.strip().splitlines()[-1])

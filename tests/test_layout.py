@@ -1,5 +1,6 @@
-"""The package's shape rules (docs/architecture.md): small files, small functions, and the oracle kept out of
-the production path (only `ops`, the dispatcher, imports `reference`; no kernel does)."""
+"""The package's shape rules (docs/architecture.md): small files, small functions, the oracle kept out of the
+production path (only `ops.dispatch` imports `ops.reference` or `ops.kernels`; no kernel does), and the functional
+layer `ops/` standing on its own (it imports nothing of the package but `errors`)."""
 
 import ast
 from pathlib import Path
@@ -41,6 +42,24 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_ops_dispatches_to_the_reference():
-    importers = sorted(_relative(p) for p in SOURCES if "reference" in _imported_modules(p))
-    assert importers == ["pema_triton/ops.py"]
+def test_only_dispatch_chooses_between_kernels_and_reference():
+    for chosen in ("ops.reference", "ops.kernels"):
+        importers = sorted(_relative(p) for p in SOURCES if chosen in _imported_modules(p)
+                           and not _relative(p).startswith(f"pema_triton/{chosen.replace('.', '/')}/"))
+        assert importers == ["pema_triton/ops/dispatch.py"], chosen
+
+
+def test_ops_imports_nothing_of_the_package_but_errors():
+    outside = {
+        _relative(path): sorted(name for name in _imported_modules(path)
+                                if name.split(".")[0] not in ("ops", "errors") and name)
+        for path in SOURCES if path.relative_to(PACKAGE).parts[0] == "ops"
+    }
+    assert {path: names for path, names in outside.items() if names} == {}
+
+
+def test_ops_has_no_absolute_imports_of_the_package():
+    """`import pema_triton.x` inside ops/ would dodge the relative-import rule above."""
+    for path in SOURCES:
+        if path.relative_to(PACKAGE).parts[0] == "ops":
+            assert "import pema_triton" not in path.read_text() and "from pema_triton" not in path.read_text()

@@ -7,7 +7,7 @@ from helpers.devices import BACKENDS, DEVICE, ON_GPU, gpu_only
 
 import pema_triton
 from helpers.cases import CASE_IDS, CASES, make_case, scatter_tolerance
-from pema_triton import reference
+from pema_triton.ops import reference
 from pema_triton.errors import BackendError, IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
@@ -60,7 +60,7 @@ def test_backward_triton_matches_reference(name, V, U, D, shape, how, dtype, id_
         assert torch.equal(tri, again)
 
 
-# Sorted ids cut into chunks (kernels.scatter.sorted_blocks: 128 under the interpreter): rows that cross chunk
+# Sorted ids cut into chunks (kernels.lookup_backward.sorted_blocks: 128 under the interpreter): rows that cross chunk
 # boundaries, one row spanning many chunks (the fix-up's loop runs more than once), -1 rows (unused ids, the
 # padding row) sorting first, and a chunk that is one row from end to end.
 SORTED_CASES = [
@@ -136,14 +136,16 @@ def test_gradcheck_float64(backend, method):
 def test_backward_method_follows_dtype_and_deterministic_algorithms(monkeypatch):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
+    from pema_triton.ops import kernels
+
     seen = []
-    real = pema_triton.kernels.lookup_backward
+    real = kernels.lookup_backward
 
     def spy(*args):
         seen.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(pema_triton.kernels, "lookup_backward", spy)
+    monkeypatch.setattr(kernels, "lookup_backward", spy)
     used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
     for dtype in (torch.float32, torch.bfloat16):
         weight = torch.randn(11, 5, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -193,7 +195,7 @@ def test_triton_backend_without_gpu_or_interpreter_is_a_clear_error(monkeypatch)
         with pytest.raises(BackendError, match="not installed"):
             pema_triton.resolve_backend("triton", torch.device("cpu"))
         return
-    monkeypatch.setattr(pema_triton.ops._kernels, "INTERPRET", False)
+    monkeypatch.setattr(pema_triton.ops.dispatch._kernels, "INTERPRET", False)
     with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
         pema_triton.resolve_backend("triton", torch.device("cpu"))
     assert pema_triton.resolve_backend("auto", torch.device("cpu")) == "torch"

@@ -101,7 +101,7 @@ def test_smollm2_causal_lm_equals_its_frozen_baseline(output, backend):
 
 # The fused loss streams all V = 49,152 rows per token: the Triton interpreter would take minutes on these shapes,
 # so on CPU the real-model tests run its PyTorch reference (the kernels are tested against it in
-# test_linear_ce.py); on a GPU, the kernels.
+# test_linear_cross_entropy.py); on a GPU, the kernels.
 FUSED_BACKEND = "auto" if ON_GPU else "torch"
 
 

@@ -104,7 +104,7 @@ def test_build_remap_round_trips():
 @pytest.mark.parametrize("vocab_size", [1, 31, 32, 33, 30_522, 1_000_000])
 def test_packed_bit_scan_equals_the_byte_map(vocab_size):
     """The layout kept for the benchmark marks the same ids, including bit 31 (the int32 sign bit) and V - 1."""
-    from pema_triton.kernels import mark_ids_packed, used_ids_from_packed
+    from pema_triton.ops.kernels import scan_ids_packed, used_ids_from_packed
 
     gen = torch.Generator().manual_seed(0)
     ids = (torch.rand(50_000, generator=gen) ** 4 * vocab_size).long().clamp_(max=vocab_size - 1)
@@ -112,6 +112,6 @@ def test_packed_bit_scan_equals_the_byte_map(vocab_size):
     ids = ids.to(DEVICE)
     words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32, device=DEVICE)
     for chunk in ids.split(20_000):  # streams like the byte map
-        assert int(mark_ids_packed(chunk, words, vocab_size)) == 0
+        assert int(scan_ids_packed(chunk, words, vocab_size)) == 0
     assert torch.equal(used_ids_from_packed(words, vocab_size), torch.unique(ids))
-    assert int(mark_ids_packed(torch.tensor([-1, vocab_size], device=DEVICE), words, vocab_size)) == 2
+    assert int(scan_ids_packed(torch.tensor([-1, vocab_size], device=DEVICE), words, vocab_size)) == 2

@@ -2,7 +2,7 @@
 
 import torch
 
-from pema_triton.remap import build_remap
+from pema_triton.ops import build_remap
 
 CASES = [
     ("D1", 64, 10, 1, (3, 17), "random"),

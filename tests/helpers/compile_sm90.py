@@ -20,8 +20,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # The modules, not the launchers pema_triton.kernels re-exports under the same names (`lookup`).
-linear_ce, lookup, scan, scatter = (importlib.import_module(f"pema_triton.kernels.{m}")
-                                    for m in ("linear_ce", "lookup", "scan", "scatter"))
+linear_cross_entropy, lookup, lookup_backward, scan = (
+    importlib.import_module(f"pema_triton.ops.kernels.{m}")
+    for m in ("linear_cross_entropy", "lookup", "lookup_backward", "scan")
+)
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -33,25 +35,25 @@ def _kernels():
         yield (f"lookup-{dt}", lookup._lookup_kernel, {"ids_ptr": "*i64", "remap_ptr": "*i32", "weight_ptr": p,
                "out_ptr": p, "num_bad_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32"},
                {"BLOCK_N": 8, "BLOCK_D": 512})
-        yield (f"scatter-atomic-{dt}", scatter._scatter_atomic_kernel, {"grad_out_ptr": p, "ids_ptr": "*i64",
+        yield (f"scatter-atomic-{dt}", lookup_backward._scatter_atomic_kernel, {"grad_out_ptr": p, "ids_ptr": "*i64",
                "remap_ptr": "*i32", "acc_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "padding_row": "i32"},
                {"BLOCK_N": 8, "BLOCK_D": 512})
-        blocks = scatter.sorted_blocks(2**20, 4096)
-        yield (f"scatter-sorted-{dt}", scatter._scatter_sorted_kernel, {"grad_out_ptr": p, "sorted_rows_ptr": "*i32",
+        blocks = lookup_backward.sorted_blocks(2**20, 4096)
+        yield (f"scatter-sorted-{dt}", lookup_backward._scatter_sorted_kernel, {"grad_out_ptr": p, "sorted_rows_ptr": "*i32",
                "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32", "partial_ptr": "*fp32",
                "grad_weight_ptr": p, "N": "i32", "D": "i32"},
                {"TILES": blocks["TILES"], "BLOCK_T": blocks["BLOCK_T"], "BLOCK_D": blocks["BLOCK_D"],
                 "ACC_DTYPE": tl.float32})
-        yield (f"scatter-sorted-fixup-{dt}", scatter._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
+        yield (f"scatter-sorted-fixup-{dt}", lookup_backward._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
                "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "C": "i32", "D": "i32"},
                {"BLOCK_K": blocks["BLOCK_K"], "BLOCK_D": blocks["BLOCK_D"]})
         tdt = {"bf16": tl.bfloat16, "fp32": tl.float32}[dt]
         head = {"hidden_ptr": p, "weight_ptr": p, "frozen_ptr": p, "remap_ptr": "*i32", "targets_ptr": "*i64"}
         consts = {"V": 128_256, "D": 4096, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "IN_DTYPE": tdt,
                   "DOT_DTYPE": tdt, "ACC_DTYPE": tl.float32, "PRECISION": "ieee"}
-        yield (f"linear-ce-forward-{dt}", linear_ce._forward_kernel, head | {"loss_ptr": "*fp32", "lse_ptr": "*fp32",
+        yield (f"linear-ce-forward-{dt}", linear_cross_entropy._forward_kernel, head | {"loss_ptr": "*fp32", "lse_ptr": "*fp32",
                "N": "i32"}, consts | {"IGNORE": -100})
-        yield (f"linear-ce-backward-{dt}", linear_ce._backward_kernel, head | {"lse_ptr": "*fp32",
+        yield (f"linear-ce-backward-{dt}", linear_cross_entropy._backward_kernel, head | {"lse_ptr": "*fp32",
                "grad_loss_ptr": "*fp32", "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "N": "i32"}, consts)
     for ids in ("i32", "i64"):
         yield (f"scan-{ids}", scan._scan_kernel, {"ids_ptr": f"*{ids}", "byte_map_ptr": "*u8", "counts_ptr": "*i64",

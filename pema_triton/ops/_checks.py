@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import PemaDTypeError, PemaError
+from ..errors import PemaDTypeError, PemaError
 from .remap import check_remap
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -74,3 +74,25 @@ def check_scan_state(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Te
             f"counts must be a contiguous int64 tensor shaped like byte_map {tuple(byte_map.shape)} on "
             f"{byte_map.device}, got {counts.dtype} {tuple(counts.shape)} on {counts.device}"
         )
+
+
+def check_linear_cross_entropy_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, frozen_weight: torch.Tensor, remap: torch.Tensor, targets: torch.Tensor
+) -> None:
+    """Checks `hidden` [N, D], `weight` [U, D], `frozen_weight` [V, D], `remap` [V] and `targets` [N] for the fused
+    head + cross-entropy."""
+    check_id_dtype(targets, "targets")
+    for tensor, name in ((hidden, "hidden"), (weight, "weight"), (frozen_weight, "frozen_weight")):
+        check_float(tensor, name)
+        if tensor.dim() != 2:
+            raise PemaError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
+        check_same_device(tensor, name, targets)
+    check_remap(remap, targets.device)
+    dim, vocab_size = hidden.shape[1], remap.numel()
+    if weight.shape[1] != dim or tuple(frozen_weight.shape) != (vocab_size, dim):
+        raise PemaError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and frozen_weight "
+            f"{tuple(frozen_weight.shape)} must be [N, D], [U, D] and [V, D] with V = {vocab_size} (the remap's length)"
+        )
+    if tuple(targets.shape) != (hidden.shape[0],):
+        raise PemaError(f"targets must be [N] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")

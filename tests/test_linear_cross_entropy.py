@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers.devices import BACKENDS, DEVICE
 
-from pema_triton import reference
-from pema_triton.head_ops import compact_linear_cross_entropy
-from pema_triton.remap import build_remap
+from pema_triton.ops import build_remap, compact_linear_cross_entropy, reference
 
 # (id, V, U, D, N, what the targets are)
 CASES = [

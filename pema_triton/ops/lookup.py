@@ -1,68 +1,24 @@
-"""Functional ops: the autograd-aware compact lookup and the vocabulary scan, each choosing Triton or PyTorch.
+"""The compact lookup `weight[remap[ids]]` and its [U, D] backward, as autograd-aware `torch.library` custom ops.
 
-The lookup and its backward are `torch.library` custom ops (`triton_op` where Triton is installed), so
-`torch.compile` sees them as single nodes with a known output shape, and autograd is registered on the op.
-Everything that reads a value back to the host (the bad-id check) stays outside the ops.
-
-Backends (`backend=`):
-- "auto": Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1` was set before import;
-  PyTorch otherwise.
-- "triton": Triton or a :class:`~pema_triton.errors.BackendError`.
-- "torch": the pure-PyTorch reference (:mod:`pema_triton.reference`).
+The lookup and its backward are custom ops (`triton_op` where Triton is installed), so `torch.compile` sees them as
+single nodes with a known output shape, and autograd is registered on the op. Everything that reads a value back
+to the host (the bad-id check) stays outside the ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .errors import BackendError
-from .remap import raise_for_bad_ids, raise_for_out_of_range
+from ..errors import BackendError
+from .dispatch import HAS_TRITON, kernels_or_reference, uses_kernels
+from .remap import raise_for_bad_ids
 
-try:
-    from . import kernels as _kernels
-
-    HAS_TRITON = True
-except ImportError:  # Triton is Linux-only; macOS and Windows users get the PyTorch path.
-    HAS_TRITON = False
-
-BACKENDS = ("auto", "triton", "torch")
 BACKWARD_METHODS = ("auto", "atomic", "sorted")
 
 __all__ = [
-    "BACKENDS", "BACKWARD_METHODS", "HAS_TRITON", "backward_method", "compact_embedding", "compact_embedding_backward",
-    "compact_embedding_unchecked", "resolve_backend", "scan_ids",
+    "BACKWARD_METHODS", "backward_method", "compact_embedding", "compact_embedding_backward",
+    "compact_embedding_unchecked",
 ]
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend that runs for tensors on `device`: "triton" or "torch".
-
-    Raises:
-        BackendError: `backend="triton"` where Triton cannot run, or an unknown backend name.
-    """
-    if backend not in BACKENDS:
-        raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = torch.device(device)
-    runnable = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET))
-    if backend == "triton" and not runnable:
-        why = (
-            "Triton is not installed"
-            if not HAS_TRITON
-            else f"tensors on {device} need a CUDA device, or TRITON_INTERPRET=1 set before pema_triton is imported"
-        )
-        raise BackendError(f'backend="triton" cannot run here: {why}. Use backend="auto" or "torch".')
-    return "triton" if runnable and backend != "torch" else "torch"
-
-
-def _uses_kernels(backend: str, device: torch.device) -> bool:
-    return resolve_backend(backend, device) == "triton"
-
-
-def implementation(backend: str, device: torch.device):
-    """The module whose functions run for `backend` on `device`: `pema_triton.kernels` or `pema_triton.reference`
-    (their functions share names and contracts)."""
-    return _kernels if _uses_kernels(backend, device) else reference
 
 
 _custom_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
@@ -78,7 +34,7 @@ def _lookup_op(
     use_kernels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # padding_row and method only matter to the backward; they are op inputs so autograd can see them.
-    return (_kernels if use_kernels else reference).lookup(ids, remap, weight)
+    return kernels_or_reference(use_kernels).lookup(ids, remap, weight)
 
 
 @_lookup_op.register_fake
@@ -96,9 +52,9 @@ def _lookup_backward_op(
     method: str,
     use_kernels: bool,
 ) -> torch.Tensor:
-    if use_kernels:
-        return _kernels.lookup_backward(grad_out, ids, remap, num_rows, padding_row, method)
-    return reference.lookup_backward(grad_out, ids, remap, num_rows, padding_row)
+    if use_kernels:  # only the kernels have a choice of scatter; the reference has one exact method
+        return kernels_or_reference(True).lookup_backward(grad_out, ids, remap, num_rows, padding_row, method)
+    return kernels_or_reference(False).lookup_backward(grad_out, ids, remap, num_rows, padding_row)
 
 
 @_lookup_backward_op.register_fake
@@ -128,7 +84,7 @@ _lookup_op.register_autograd(_lookup_backward, setup_context=_setup_lookup_conte
 
 
 def backward_method(method: str, deterministic: bool | None, dtype: torch.dtype) -> str:
-    """The scatter the backward runs: "atomic" or "sorted" (see :mod:`pema_triton.kernels.scatter`).
+    """The scatter the backward runs: "atomic" or "sorted" (see :mod:`pema_triton.ops.kernels.lookup_backward`).
 
     "auto" chooses by the bytes each must move, for want of a GPU measurement (bench/NOTES.md): for bf16/fp16 the
     atomic scatter adds a [U, D] fp32 accumulator, its zero-fill and a cast (about 8 extra bytes an element, 0.98
@@ -202,7 +158,7 @@ def compact_embedding_unchecked(
     Returns:
         out: [*ids.shape, D], zero rows for ids with no compact row; num_bad: [1] int32 count of those ids.
     """
-    use_kernels = _uses_kernels(backend, weight.device)
+    use_kernels = uses_kernels(backend, weight.device)
     method = backward_method(method, deterministic, weight.dtype)
     return _lookup_op(ids, remap, weight, int(padding_row), method, use_kernels)
 
@@ -227,36 +183,8 @@ def compact_embedding_backward(
     Returns:
         [U, D] in grad_out's dtype, accumulated in float32. Nothing [V, D] is allocated.
     """
-    use_kernels = _uses_kernels(backend, grad_out.device)
+    use_kernels = uses_kernels(backend, grad_out.device)
     method = backward_method(method, deterministic, grad_out.dtype)
     return _lookup_backward_op(grad_out, ids, remap, int(num_rows), int(padding_row), method, use_kernels)
 
-
-def scan_ids(
-    ids: torch.Tensor,
-    byte_map: torch.Tensor,
-    counts: torch.Tensor | None = None,
-    *,
-    ignore_index: int | None = None,
-    backend: str = "auto",
-) -> None:
-    """Marks each id of `ids` in `byte_map` (and counts it); call once per chunk to stream a dataset.
-
-    Args:
-        ids: [*] token ids, int32 or int64, on byte_map's device.
-        byte_map: [V] uint8, set to 1 at every id seen (in place).
-        counts: [V] int64 occurrences, incremented in place, or None.
-        ignore_index: an id to skip (-100 for ignored labels), or None.
-        backend: "auto", "triton" or "torch".
-
-    Raises:
-        IdOutOfRangeError: an id (other than `ignore_index`) outside [0, V); nothing of that chunk is lost
-            for the valid ids, which are marked.
-    """
-    impl = implementation(backend, byte_map.device)
-    if impl.mark_ids(ids, byte_map, counts, ignore_index).item():
-        raise_for_out_of_range(
-            ids, byte_map.numel(), ignore_index=ignore_index,
-            hint="pass the tokenizer's full size (len(tokenizer)) as vocab_size",
-        )
 

@@ -1,5 +1,5 @@
 """What every kernel here shares: the interpreter switch, tile sizes, and the jit helpers that read a program's
-ids and map them to compact rows (the Triton side of `pema_triton.remap.compact_rows`)."""
+ids and map them to compact rows (the Triton side of `pema_triton.ops.remap.compact_rows`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Pure-PyTorch versions of the three compact-embedding operations.
+"""Pure-PyTorch versions of every op: the lookup, its backward, the scan and the fused head + cross-entropy.
 
 They are the CPU path for users without a GPU and the oracle every Triton kernel is tested against, so they
 favour clarity over speed; each mirrors its kernel's contract exactly (shapes, dtypes, what counts as a bad id).
-Nothing outside tests and `pema_triton.ops` imports this module: production helpers live in `remap` and `_checks`.
+Nothing outside tests and `pema_triton.ops.dispatch` imports this module: production helpers live in `remap` and `_checks`.
 
 Notation: V the original vocabulary size, U the number of used ids (rows of the compact matrix), D the
 embedding width, N the number of token ids in a batch.
@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import accumulation_dtype, check_lookup_inputs, check_scan_state, check_scatter_inputs
+from ._checks import (
+    accumulation_dtype, check_linear_cross_entropy_inputs, check_lookup_inputs, check_scan_state, check_scatter_inputs,
+)
 from .remap import compact_rows
 
-__all__ = ["lookup", "lookup_backward", "mark_ids"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_backward", "lookup", "lookup_backward", "scan_ids"]
 
 
 def _all_in_vocabulary(flat: torch.Tensor, vocab_size: int) -> bool:
@@ -83,7 +85,7 @@ def lookup_backward(
     return acc.to(grad_out.dtype)
 
 
-def mark_ids(
+def scan_ids(
     ids: torch.Tensor,
     byte_map: torch.Tensor,
     counts: torch.Tensor | None = None,
@@ -157,6 +159,7 @@ def linear_cross_entropy(
     Returns:
         loss: [N] fp32 (fp64 for fp64), `logsumexp(logits) - logits[target]`, 0 where ignored. lse: [N] likewise.
     """
+    check_linear_cross_entropy_inputs(hidden, weight, frozen_weight, remap, targets)
     dtype = compute_dtype or hidden.dtype
     acc = accumulation_dtype(dtype)
     vocab_size, num_tokens = remap.numel(), hidden.shape[0]
@@ -198,6 +201,7 @@ def linear_cross_entropy_backward(
         grad_hidden: [N, D] (over all V rows), grad_weight: [U, D] (the trainable rows only), both accumulated in
         fp32 (fp64 for fp64).
     """
+    check_linear_cross_entropy_inputs(hidden, weight, frozen_weight, remap, targets)
     dtype = compute_dtype or hidden.dtype
     acc = accumulation_dtype(dtype)
     vocab_size, num_tokens = remap.numel(), hidden.shape[0]

@@ -3,7 +3,7 @@
 Layout: one uint8 per id rather than packed bits. A byte map is written with plain stores (every writer stores
 1, so concurrent writes to one byte cannot lose an update); a packed map needs an atomic OR per token, since ids
 sharing a 32-bit word would overwrite each other. At V = 1,000,000 the byte map is 1 MB, small enough to stay in
-an H100's 50 MB L2. `mark_ids_packed` is the packed-bit layout, kept for the benchmark that compares the two
+an H100's 50 MB L2. `scan_ids_packed` is the packed-bit layout, kept for the benchmark that compares the two
 (docs/design.md); the library does not use it.
 """
 
@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._checks import check_id_dtype, check_scan_state
-from ..errors import PemaDTypeError
+from ...errors import PemaDTypeError
 from ._common import INTERPRET, count_into, load_ids, on_tensors_device
 
 # Ids a program: 4096 ids of 4-8 bytes stream 16-32 KiB of input each. The interpreter runs programs one at a
@@ -51,9 +51,9 @@ def _scan_kernel(
 
 
 @on_tensors_device
-def mark_ids(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Tensor | None = None,
+def scan_ids(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Tensor | None = None,
              ignore_index: int | None = None) -> torch.Tensor:
-    """Triton vocabulary scan, with the contract of :func:`pema_triton.reference.mark_ids`: marks `ids` [*] in
+    """Triton vocabulary scan, with the contract of :func:`pema_triton.ops.reference.scan_ids`: marks `ids` [*] in
     `byte_map` [V] uint8 (and counts them into `counts` [V] int64); returns the [1] int32 count of ids outside
     [0, V) other than `ignore_index`."""
     check_scan_state(ids, byte_map, counts)
@@ -93,7 +93,7 @@ def _scan_packed_kernel(
 
 
 @on_tensors_device
-def mark_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def scan_ids_packed(ids: torch.Tensor, words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Packed-bit scan (the layout not chosen; for the benchmark). Marks `ids` [*] in `words` [ceil(V / 32)] int32.
 
     Returns:

@@ -12,7 +12,7 @@ Two methods (`method=`), both accumulating in float32 (float64 for float64):
   chunk order by a second kernel. Bit-identical run to run.
 
 `pema_triton.ops` picks the method ("auto"): sorted for bf16/fp16 and under
-`torch.use_deterministic_algorithms(True)`, atomic otherwise (see `choose_method`).
+`torch.use_deterministic_algorithms(True)`, atomic otherwise (see `pema_triton.ops.lookup.backward_method`).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def lookup_backward(
     padding_row: int = -1,
     method: str = "atomic",
 ) -> torch.Tensor:
-    """Triton backward of the compact lookup. Same contract as :func:`pema_triton.reference.lookup_backward`.
+    """Triton backward of the compact lookup. Same contract as :func:`pema_triton.ops.reference.lookup_backward`.
 
     Args:
         grad_out: [*ids.shape, D] upstream gradient.

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .._checks import check_linear_cross_entropy_inputs
 from ._common import INTERPRET, on_tensors_device
 
 
@@ -164,8 +165,12 @@ def _operands(hidden, weight, frozen_weight, compute_dtype):
 
 
 @on_tensors_device
-def linear_cross_entropy(hidden, weight, frozen_weight, remap, targets, ignore_index=-100, compute_dtype=None):
-    """Triton fused head + loss, with the contract of :func:`pema_triton.reference.linear_cross_entropy`."""
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, frozen_weight: torch.Tensor, remap: torch.Tensor,
+    targets: torch.Tensor, ignore_index: int = -100, compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton fused head + loss, with the contract of :func:`pema_triton.ops.reference.linear_cross_entropy`."""
+    check_linear_cross_entropy_inputs(hidden, weight, frozen_weight, remap, targets)
     hidden, weight, frozen_weight = _operands(hidden, weight, frozen_weight, compute_dtype)
     hidden, targets = hidden.contiguous(), targets.contiguous().long()
     num_tokens, dim = hidden.shape
@@ -182,8 +187,12 @@ def linear_cross_entropy(hidden, weight, frozen_weight, remap, targets, ignore_i
 
 
 @on_tensors_device
-def linear_cross_entropy_backward(grad_loss, hidden, weight, frozen_weight, remap, targets, lse, compute_dtype=None):
-    """Triton backward, with the contract of :func:`pema_triton.reference.linear_cross_entropy_backward`."""
+def linear_cross_entropy_backward(
+    grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, frozen_weight: torch.Tensor,
+    remap: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backward, with the contract of :func:`pema_triton.ops.reference.linear_cross_entropy_backward`."""
+    check_linear_cross_entropy_inputs(hidden, weight, frozen_weight, remap, targets)
     hidden, weight, frozen_weight = _operands(hidden, weight, frozen_weight, compute_dtype)
     hidden, targets = hidden.contiguous(), targets.contiguous().long()
     num_tokens, dim = hidden.shape

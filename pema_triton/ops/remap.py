@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError, UsedIdsError, format_ids
+from ..errors import IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError, UsedIdsError, format_ids
 
 COMPACTION_FILE = "pema_compaction.json"
 

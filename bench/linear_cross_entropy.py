@@ -13,8 +13,8 @@ first call on a CPU (measured in a second process whose allocator returns every 
 free), and `torch.cuda.max_memory_allocated` above the inputs on a GPU. Time: median (and worst) of the timed
 rounds after a warm-up call.
 
-    python bench/loss.py            # writes bench/results/loss_<device>.{json,md}
-    python bench/loss.py --out DIR --budget 360   # (bench/gpu.py head) stops adding cases after 360 s
+    python bench/linear_cross_entropy.py            # writes bench/results/linear_cross_entropy_<device>.{json,md}
+    python bench/linear_cross_entropy.py --out DIR --budget 360   # (bench/gpu.py head) stops adding cases after 360 s
 
 U comes from bench/.ids (bench/prepare_ids.py) where it was prepared, else from the tokenizer itself. Under
 PEMA_GPU_DRY_RUN=1 (bench/gpu.py --dry-run) one tiny synthetic shape runs two providers: no measurement.
@@ -68,7 +68,7 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
     """What a provider holds before its step (built outside the measured peak): the compacted head, and the
     remap and target-column tables."""
     from pema_triton import CompactLMHead
-    from pema_triton.remap import build_remap
+    from pema_triton.ops import build_remap
 
     vocab_size, dim = full.shape
     if provider in ("F.linear_cross_entropy", "liger", "cut-cross-entropy"):
@@ -83,7 +83,7 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
 
 def _step(provider: str, held: dict, hidden, targets):
     """One forward + backward of `provider`; returns (loss, the head gradient's shape)."""
-    from pema_triton.head_ops import compact_linear_cross_entropy
+    from pema_triton.ops import compact_linear_cross_entropy
 
     h = hidden.detach().requires_grad_()
     if "head" in held:
@@ -197,7 +197,7 @@ def main(argv=None):
     p.add_argument("--one", nargs=4, metavar=("PROVIDER", "SHAPE", "N", "USED"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=10 if ON_GPU else 3)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default bench/results)")
-    p.add_argument("--stem", help="file name of the results, without suffix (default loss_<device>)")
+    p.add_argument("--stem", help="file name of the results, without suffix (default linear_cross_entropy_<device>)")
     p.add_argument("--budget", type=float, default=float("inf"), help="seconds after which no case is started")
     args = p.parse_args(argv)
     if args.one:
@@ -221,10 +221,10 @@ def main(argv=None):
                 print(table([r for r in rows if r["model"] == name and r["N"] == num_tokens])[-1], flush=True)
     tag = torch.cuda.get_device_name().replace(" ", "_") if ON_GPU else "cpu"
     env = {"torch": torch.__version__, "device": tag, "python": sys.version.split()[0]}
-    stem = args.stem or f"loss_{tag}"
+    stem = args.stem or f"linear_cross_entropy_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    lines = [f"# Head + loss, forward + backward ({tag})", "", f"Measured by `python bench/loss.py`; {env}.", "",
+    lines = [f"# Head + loss, forward + backward ({tag})", "", f"Measured by `python bench/linear_cross_entropy.py`; {env}.", "",
              *table(rows)]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -40,7 +40,7 @@ def _lookup_kernel(
 
 @on_tensors_device
 def lookup(ids: torch.Tensor, remap: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton compact lookup. Same contract as :func:`pema_triton.reference.lookup`.
+    """Triton compact lookup. Same contract as :func:`pema_triton.ops.reference.lookup`.
 
     Args:
         ids: [*] original token ids, int32 or int64.
