@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench gpu
+.PHONY: setup demo test test-slow test-all check bench gpu
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -10,8 +10,21 @@ demo: setup
 	$(PY) examples/demo.py
 
 # Without a GPU the Triton kernels run on CPU under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+# Two tiers, by marker: `make test` (the README's) proves every claim once on the smallest model that shows it;
+# `make test-slow` runs the rest (grids, real SmolLM2, launchers, notebook, demo, benchmarks, sm_90 compile);
+# `make test-all` runs both, the fast tier first. CI runs `make test-all`.
+TIMINGS := --durations=15
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(TIMINGS) $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(TIMINGS) $(PYTEST_ARGS)
+
+test-all: test test-slow
+
+# Imports sorted and unused ones gone, lines within 120 columns (pyproject.toml [tool.ruff]).
+check: setup
+	$(PY) -m ruff check pema_triton tests bench examples
 
 # Kernel, memory and vocabulary-usage benchmarks; results under bench/results/ (see bench/run.py).
 bench: setup

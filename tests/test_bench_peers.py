@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each peer in its own process (~15 s): `make test-all`
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

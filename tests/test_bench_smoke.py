@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (~90 s): `make test-all`
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

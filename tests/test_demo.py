@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the whole demo on real MiniLM and SmolLM2 (~90 s): `make test-all`
+
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
 

@@ -18,6 +18,8 @@ from helpers import ddp_job, fsdp_job, tiny_models
 
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary
 
+pytestmark = pytest.mark.slow  # torchrun jobs of 2 gloo ranks (~95 s): `make test-all`
+
 transformers = pytest.importorskip("transformers")
 CASES = [("llama-untied", "frozen"), ("llama-untied", "restricted"), ("llama-untied", None), ("gpt2", "frozen")]
 

@@ -57,6 +57,7 @@ def test_default_check_raises_in_the_forward_on_cpu_and_sync_everywhere(backend)
         _embedding(backend, check_ids="later")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_forward_has_no_graph_break_and_is_checked_later(backend):
     """fullgraph=True fails on any graph break; the compiled steps' bad ids reach the device counter."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_90 in a subprocess (~30 s): `make test-all`
+
 HELPER = Path(__file__).parent / "helpers" / "compile_sm90.py"
 
 

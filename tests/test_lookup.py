@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers.devices import BACKENDS, DEVICE, ON_GPU, gpu_only
 
 import pema_triton
-from helpers.cases import CASE_IDS, CASES, make_case, scatter_tolerance
+from helpers.cases import CASE_IDS, CASES, make_case, scatter_tolerance, tiered_grid
 from pema_triton.ops import reference
 from pema_triton.errors import BackendError, IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError
 
@@ -33,10 +33,10 @@ def test_lookup_matches_full_embedding(name, V, U, D, shape, how, dtype, id_dtyp
     assert torch.equal(tri, ref)  # a gather: exact, and NaN-free only if every element was written
 
 
-@pytest.mark.parametrize("method", ["atomic", "sorted"])
-@pytest.mark.parametrize("id_dtype", ID_DTYPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)
+# 128 combinations, ~135 s under the interpreter: the fast tier runs each case with both methods and one rotating
+# dtype / id dtype (16), `make test-all` the rest.
+@pytest.mark.parametrize("name, V, U, D, shape, how, dtype, id_dtype, method", tiered_grid(
+    CASES, CASE_IDS, {"dtype": DTYPES, "id_dtype": ID_DTYPES, "method": ["atomic", "sorted"]}, every=("method",)))
 def test_backward_triton_matches_reference(name, V, U, D, shape, how, dtype, id_dtype, method):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
@@ -71,8 +71,8 @@ SORTED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name, V, U, D, N, hot, padding_row", SORTED_CASES, ids=[c[0] for c in SORTED_CASES])
+@pytest.mark.parametrize("name, V, U, D, N, hot, padding_row, dtype", tiered_grid(
+    SORTED_CASES, [c[0] for c in SORTED_CASES], {"dtype": [torch.float32, torch.bfloat16]}))
 def test_sorted_backward_splits_rows_across_chunks(name, V, U, D, N, hot, padding_row, dtype):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
@@ -121,7 +121,7 @@ def test_autograd_gradient_equals_reference(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["atomic", "sorted"])
+@pytest.mark.parametrize("method", ["atomic", pytest.param("sorted", marks=pytest.mark.slow)])  # sorted: ~25 s
 def test_gradcheck_float64(backend, method):
     used, remap, ids = make_case(60, 11, (3, 7), "random", torch.int64, DEVICE)
     ids[0, :3] = used[4]  # a repeated row, so accumulation is exercised
@@ -226,6 +226,7 @@ def test_offsets_past_2_31_elements(dtype, method):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ops_trace_under_torch_compile(backend):
     """The ops' fake impls and registered autograd let AOTAutograd trace forward and backward.

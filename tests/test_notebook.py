@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # executes the Colab notebook in a kernel (~55 s): `make test-all`
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "pema_colab.ipynb"
 
 

@@ -277,6 +277,7 @@ def test_a_trainer_run_of_a_compacted_peft_model_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(v, uninterrupted[k]) for k, v in resumed.items())
 
 
+@pytest.mark.slow  # real SmolLM2-135M
 def test_smollm2_lora_with_compacted_tied_embeddings_equals_its_frozen_baseline():
     """Real SmolLM2 (tied), LoRA on attention: PEMA `frozen` trains exactly as the same PEFT run without PEMA with
     the embedding trainable and its unused rows frozen by a gradient hook. Bit for bit on CPU."""

@@ -58,6 +58,7 @@ def test_minilm_classification_is_exactly_full_fine_tuning(backend):
     assert not torch.equal(pema_state[key][used], pretrained[used])  # the used rows did train
 
 
+@pytest.mark.slow  # real SmolLM2-135M
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("output", ["frozen", "restricted"])
 def test_smollm2_causal_lm_equals_its_frozen_baseline(output, backend):
@@ -105,6 +106,7 @@ def test_smollm2_causal_lm_equals_its_frozen_baseline(output, backend):
 FUSED_BACKEND = "auto" if ON_GPU else "torch"
 
 
+@pytest.mark.slow  # real SmolLM2-135M
 @pytest.mark.parametrize("output", ["frozen", "restricted"])
 def test_smollm2_fused_loss_trains_as_the_unfused_head(output):
     tokenizer, _ = real_assets.smollm2()
@@ -130,6 +132,7 @@ def test_smollm2_fused_loss_trains_as_the_unfused_head(output):
     assert torch.equal(fused_state[key][unused], plain_state[key][unused])  # untouched in both, bit for bit
 
 
+@pytest.mark.slow  # real SmolLM2-135M
 def test_smollm2_fused_loss_creates_no_logits_and_no_vocabulary_sized_tensor():
     """4 x 256 tokens of real text: no tensor of N * V / 8 elements (the [N, V] logits are N * V) or of [V, D]
     size is created by forward + backward; the head's gradient is [U, D]."""

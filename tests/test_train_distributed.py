@@ -19,6 +19,8 @@ import pytest
 import torch
 from helpers import real_assets
 
+pytestmark = pytest.mark.slow  # accelerate launch and torchrun jobs (~25 s): `make test-all`
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"

@@ -1,5 +1,6 @@
-"""`save_trimmed`: a model and tokenizer cut to the kept ids, reloaded by plain transformers in a process where
-pema_triton cannot be imported, tokenize the training text to the same tokens and give the same outputs."""
+"""`save_trimmed`: a model and tokenizer cut to the kept ids, reloaded by plain transformers (in the slow tier in a
+process where pema_triton cannot be imported), tokenize the training text to the same tokens and give the same
+outputs."""
 
 import importlib.util
 import json
@@ -21,6 +22,13 @@ transformers = pytest.importorskip("transformers")
 LOADER = Path(__file__).resolve().parent / "helpers" / "load_trimmed.py"
 OTHER_SCRIPTS = ["北京欢迎你，今天天气很好。", "😀🎉👍🏽 emoji!", "Привет, мир", "مرحبا بالعالم", "ℌ𝔢𝔩𝔩𝔬 ½ ﬁ \t\n  x",
                  "日本語のテキストです"]
+
+
+def load_in_process(tmp_path, entries) -> list[dict]:
+    """tests/helpers/load_trimmed.py's loading (plain transformers) run here; returns its results, one per entry."""
+    from helpers.load_trimmed import load
+
+    return load(entries)
 
 
 def load_isolated(tmp_path, entries) -> list[dict]:
@@ -71,6 +79,15 @@ def assert_same_tokens(kept, original_rows, trimmed_rows):
 
 
 def test_minilm_wordpiece_reloads_with_the_same_tokens_and_hidden_states(tmp_path):
+    _check_minilm_wordpiece(tmp_path, load_in_process)
+
+
+@pytest.mark.slow
+def test_a_trimmed_minilm_loads_where_pema_triton_cannot_be_imported(tmp_path):
+    _check_minilm_wordpiece(tmp_path, load_isolated)
+
+
+def _check_minilm_wordpiece(tmp_path, load):
     texts, _ = bbc_news(16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     model = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
@@ -85,7 +102,7 @@ def test_minilm_wordpiece_reloads_with_the_same_tokens_and_hidden_states(tmp_pat
     parsed = TokenizerJson(tokenizer)
     singles = {i for t, i in parsed.token_to_id.items() if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
     assert singles <= set(kept.tolist()) and len(kept) < len(used) + len(singles) + 10  # nothing else kept
-    [result] = load_isolated(tmp_path, [{"dir": str(tmp_path / "trimmed"), "auto_class": "AutoModel",
+    [result] = load(tmp_path, [{"dir": str(tmp_path / "trimmed"), "auto_class": "AutoModel",
                                         "texts": texts, "max_length": 128}])
     assert result["vocab_size"] == result["len_tokenizer"] == len(kept)
     assert_same_tokens(kept, rows, result["ids"])
@@ -139,7 +156,7 @@ def test_byte_level_bpe_from_a_compacted_model(tmp_path):
     pt.restore_embeddings(model)
     model.save_pretrained(tmp_path / "full")
 
-    [result] = load_isolated(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForCausalLM",
+    [result] = load_in_process(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForCausalLM",
                                         "texts": texts, "generate": 12}])
     assert_same_tokens(kept, rows, result["ids"])
     for ref, tri in zip(outputs_of(model, rows), result["outputs"]):
@@ -201,7 +218,7 @@ def test_untied_and_biased_heads_keep_their_rows(tmp_path, compact):
         entries.append({"dir": str(tmp_path / name), "auto_class": "AutoModelForMaskedLM" if name == "bert-mlm"
                         else "AutoModelForSeq2SeqLM" if name.startswith("bart") else "AutoModelForCausalLM",
                         "texts": texts, "max_length": 48})
-    for entry, result in zip(entries, load_isolated(tmp_path, entries)):
+    for entry, result in zip(entries, load_in_process(tmp_path, entries)):
         kept, rows, refs = expected[Path(entry["dir"]).name]
         assert result["vocab_size"] == len(kept)
         assert_same_tokens(kept, rows, result["ids"])
@@ -328,7 +345,7 @@ def test_unigram_keeps_the_used_pieces_and_the_fallback(tmp_path, byte_fallback)
     fallback = {f"<0x{b:02X}>" for b in range(256)} if byte_fallback else {t for t in parsed.token_to_id if len(t) == 1}
     assert {parsed.token_to_id[t] for t in fallback} <= set(kept.tolist())
 
-    [result] = load_isolated(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForSeq2SeqLM",
+    [result] = load_in_process(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForSeq2SeqLM",
                                         "texts": train}])
     assert result["vocab_size"] == len(kept) < len(tokenizer)
     assert_same_tokens(kept, rows, result["ids"])
@@ -349,7 +366,7 @@ def test_smollm2_compacted_trims_to_its_text_and_generates_the_same(tmp_path):
     pt.replace_embeddings(model, used_of(tokenizer, rows), tokenizer=tokenizer)
     kept = pt.save_trimmed(model, tokenizer, tmp_path / "t")
     pt.restore_embeddings(model)
-    [result] = load_isolated(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForCausalLM",
+    [result] = load_in_process(tmp_path, [{"dir": str(tmp_path / "t"), "auto_class": "AutoModelForCausalLM",
                                         "texts": texts[:3], "generate": 10}])
     assert result["vocab_size"] == len(kept) < model.config.vocab_size // 10
     assert_same_tokens(kept, rows[:3], result["ids"])
@@ -364,6 +381,7 @@ def test_smollm2_compacted_trims_to_its_text_and_generates_the_same(tmp_path):
         assert max(ids) < len(kept) and trimmed.decode(ids) == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-3-8b", "qwen2.5-0.5b", "glm-4-9b"])
 def test_large_real_bpe_tokenizers_reload_and_keep_the_text(tmp_path, name):
     """Llama 3 (ignore_merges), Qwen 2.5 and GLM-4's tokenizer.json, trimmed beside a tiny model of their V."""

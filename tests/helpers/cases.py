@@ -1,5 +1,8 @@
 """Shapes that hurt, shared by the kernel tests: (id, V, U, D, ids shape, how ids are drawn)."""
 
+import itertools
+
+import pytest
 import torch
 
 from pema_triton.ops import build_remap
@@ -15,6 +18,26 @@ CASES = [
     ("U=V", 30, 30, 19, (7, 5), "random"),
 ]
 CASE_IDS = [c[0] for c in CASES]
+
+
+def tiered_grid(cases, case_ids, axes: dict[str, list], every: tuple[str, ...] = ()) -> list:
+    """Every case crossed with every value of each axis, as `pytest.param`s: the fast tier runs each case once per
+    value of the axes named in `every` and with one value of each other axis, rotating with the case's index (so
+    each value still runs on some case); the rest of the grid is marked slow (`make test-all`).
+
+    Args:
+        cases: tuples of the case's parameters; case_ids: their names. axes: name -> values, in the order the test's
+            parameters follow the case's.
+    """
+    names = list(axes)
+    params = []
+    for index, (case, case_id) in enumerate(zip(cases, case_ids)):
+        for values in itertools.product(*axes.values()):
+            fast = all(name in every or values[i] is axes[name][index % len(axes[name])]
+                       for i, name in enumerate(names))
+            label = "-".join([case_id, *(str(v).removeprefix("torch.") for v in values)])
+            params.append(pytest.param(*case, *values, id=label, marks=() if fast else pytest.mark.slow))
+    return params
 
 
 def make_case(vocab_size, num_used, shape, how, id_dtype, device, seed=0):

@@ -1,18 +1,17 @@
 """Loads `save_trimmed` directories the way a deployment would: plain transformers, pema_triton not importable.
 
-Run as `python -I load_trimmed.py job.json out.pt` from a folder outside the repository. The job is a list of
-{"dir", "auto_class", "texts", optional "max_length", optional "generate": max_new_tokens}; for each directory it
-writes the tokenizer's ids of every text, the model's output on them (hidden states or logits) and, if asked,
+Run as `python -I load_trimmed.py job.json out.pt` from a folder outside the repository (the slow tier), or import
+`load` to run the same code in the test's own process (the fast tier: a subprocess costs ~4 s of imports). The job
+is a list of {"dir", "auto_class", "texts", optional "max_length", optional "generate": max_new_tokens}; for each
+directory it writes the tokenizer's ids of every text, the model's output on them (hidden states or logits) and, if asked,
 greedy `generate` ids.
 """
 
 import json
 import sys
 
-sys.modules["pema_triton"] = None  # `import pema_triton` raises ImportError from here on, installed or not
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 
 
 def _run(entry: dict) -> dict:
@@ -35,6 +34,11 @@ def _run(entry: dict) -> dict:
             "len_tokenizer": len(tokenizer), "tokenizer_class": type(tokenizer).__name__}
 
 
+def load(job: list[dict]) -> list[dict]:
+    """The results of every entry of `job`, in this process."""
+    return [_run(entry) for entry in job]
+
+
 def main(job_path: str, out_path: str) -> None:
     try:
         import pema_triton  # noqa: F401
@@ -44,8 +48,9 @@ def main(job_path: str, out_path: str) -> None:
         raise AssertionError("pema_triton is importable in the loading process")
     with open(job_path) as f:
         job = json.load(f)
-    torch.save([_run(entry) for entry in job], out_path)
+    torch.save(load(job), out_path)
 
 
 if __name__ == "__main__":
+    sys.modules["pema_triton"] = None  # `import pema_triton` raises ImportError from here on, installed or not
     main(*sys.argv[1:3])
