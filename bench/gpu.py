@@ -36,8 +36,8 @@ REPO = BENCH.parent
 PARTS = ["tests", "kernels", "scan", "head", "memory"]
 # Seconds each part may spend on cases (start-up and the last case come on top): inside 8 minutes on an H100.
 BUDGET_S = {"tests": 420, "kernels": 330, "scan": 240, "head": 360, "memory": 300}
-KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_cross_entropy.py", "tests/test_modules.py",
-                "tests/test_id_check.py"]
+KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_cross_entropy.py",
+                "tests/test_modules.py", "tests/test_id_check.py"]
 
 
 def main(argv=None) -> int:
@@ -189,8 +189,9 @@ def _junit_counts(path: Path) -> dict:
 
 
 def part_head(out: Path, budget, dry: bool) -> bool:
-    return _subprocess_part("head", [sys.executable, str(BENCH / "linear_cross_entropy.py"), "--out", str(out), "--budget",
-                                     str(budget.seconds), "--stem", "head"] + (["--rounds", "1"] if dry else []), out, budget) == 0
+    return _subprocess_part("head", [sys.executable, str(BENCH / "linear_cross_entropy.py"), "--out", str(out),
+                                     "--budget", str(budget.seconds), "--stem", "head"]
+                            + (["--rounds", "1"] if dry else []), out, budget) == 0
 
 
 def part_memory(out: Path, budget, dry: bool) -> bool:

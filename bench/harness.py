@@ -91,7 +91,8 @@ def copy_gbps(nbytes: int, *, rounds: int = 5) -> dict:
     t = time_fn(lambda: dst.copy_(src), rounds=rounds)
     moved = 2 * src.numel() * 4
     del src, dst
-    return {"copy_bytes": moved, "copy_gbps_median": moved / t.median_s / 1e9, "copy_gbps_worst": moved / t.worst_s / 1e9}
+    return {"copy_bytes": moved, "copy_gbps_median": moved / t.median_s / 1e9,
+            "copy_gbps_worst": moved / t.worst_s / 1e9}
 
 
 def environment() -> dict:

@@ -84,12 +84,12 @@ def run(budget: Budget, rounds: int) -> list[dict]:
             continue
         base |= {"U": len(used), "distinct": int(torch.unique(ids).numel()), **facts}
         rows += [measure(base | {"op": "lookup", "provider": p},
-                         lambda p=p: lookup_provider(p, ids, used, V, D, dtype), floor_bytes=lookup_floor(base, ids, dtype),
-                         rounds=rounds) for p in LOOKUP_PROVIDERS]
+                         lambda p=p: lookup_provider(p, ids, used, V, D, dtype),
+                         floor_bytes=lookup_floor(base, ids, dtype), rounds=rounds) for p in LOOKUP_PROVIDERS]
         rows += [measure(base | {"op": "backward", "provider": p,
                                  "floor_ratio": backward_floor(base, ids, dtype, V) / backward_floor(base, ids, dtype)},
-                         lambda p=p: backward_provider(p, ids, used, V, D, dtype), floor_bytes=backward_floor(base, ids, dtype),
-                         rounds=rounds) for p in BACKWARD_PROVIDERS]
+                         lambda p=p: backward_provider(p, ids, used, V, D, dtype),
+                         floor_bytes=backward_floor(base, ids, dtype), rounds=rounds) for p in BACKWARD_PROVIDERS]
         del ids, used
     return rows
 
@@ -119,7 +119,8 @@ def lookup_provider(provider: str, ids, used, V, D, dtype):
 
     def check(out):
         if not torch.equal(out, expected):
-            raise AssertionError(f"lookup differs from F.embedding: max |diff| {(out.float() - expected.float()).abs().max():.3g}")
+            raise AssertionError("lookup differs from F.embedding: max |diff| "
+                                 f"{(out.float() - expected.float()).abs().max():.3g}")
 
     return fns[provider], check
 

@@ -224,8 +224,8 @@ def main(argv=None):
     stem = args.stem or f"linear_cross_entropy_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    lines = [f"# Head + loss, forward + backward ({tag})", "", f"Measured by `python bench/linear_cross_entropy.py`; {env}.", "",
-             *table(rows)]
+    lines = [f"# Head + loss, forward + backward ({tag})", "",
+             f"Measured by `python bench/linear_cross_entropy.py`; {env}.", "", *table(rows)]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if any("error" in r for r in rows) else 0

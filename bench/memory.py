@@ -192,7 +192,8 @@ def main(argv=None):
         peak = f"{r['peak_cuda_bytes'] / mib:,.0f} MiB" if "peak_cuda_bytes" in r else "n/a"
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['V']:,} | {r['U']:,} | {r['weights'] / mib:,.0f} MiB | "
-            f"{r['gradients'] / mib:,.0f} MiB | {r['optimizer'] / mib:,.0f} MiB | {r['total_training_state'] / mib:,.0f} MiB | "
+            f"{r['gradients'] / mib:,.0f} MiB | {r['optimizer'] / mib:,.0f} MiB | "
+            f"{r['total_training_state'] / mib:,.0f} MiB | "
             f"{r['logits_bytes'] / mib:,.1f} MiB | {peak} | {'ran' if r['ran'] else 'computed (meta)'} |"
         )
     notes = sorted({r["note"] for r in rows if r["note"]}) + [

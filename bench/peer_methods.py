@@ -72,8 +72,7 @@ def full(model, tokenizer, data, cfg) -> Prepared:
 
 
 def pema_triton(model, tokenizer, data, cfg) -> Prepared:
-    from pema_triton import (replace_embeddings, resolve_backend, restore_embeddings, scan_vocabulary,
-                             special_token_ids)
+    from pema_triton import replace_embeddings, resolve_backend, restore_embeddings, scan_vocabulary, special_token_ids
 
     used = scan_vocabulary(data["dataset"], len(tokenizer), keep=special_token_ids(tokenizer), progress=False)
     replace_embeddings(model, used)
@@ -92,9 +91,8 @@ def tstv_bert_setter_fix() -> str | None:
     transformers 5 `BertTokenizer` is the fast (tokenizers-backed) class, where that fails with "property 'vocab'
     of 'BertTokenizer' object has no setter". Registering TSTV's own fast-tokenizer setter (which rewrites the
     tokenizer.json model) for `BertTokenizer` makes it run. Returns what was done, or None where not needed."""
-    from transformers import BertTokenizer, PreTrainedTokenizerFast
-
     from transformer_smaller_training_vocab.transformer_set_vocab import register_set_vocab, set_fast_tokenizer_vocab
+    from transformers import BertTokenizer, PreTrainedTokenizerFast
 
     if not issubclass(BertTokenizer, PreTrainedTokenizerFast):
         return None

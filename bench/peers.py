@@ -30,7 +30,6 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH), str(BENCH.parent / "examples")]
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-
 from peer_methods import NAMES  # noqa: E402
 
 RESULTS = BENCH / "results"

@@ -3,11 +3,11 @@
     python bench/run.py            # kernels and scan, memory, head + loss, vocabulary usage, trim, peers
     python bench/run.py --only kernels
 
-Kernels and scan (bench/kernel_cases.py, bench/scan_cases.py, timed by bench/harness.py): raw JSON and a markdown table with,
-per case, each provider's median and worst time, its speed-up over the baseline measured in the same run, and the
-GB/s of the case's byte floor next to a copy bandwidth measured in the same run. Each provider's result is checked
-against the reference before it is timed; a failing case is a row marked FAILED, and the table is still written.
-On a GPU, `scripts/gpu.sh PART` runs the same code in parts that each fit one command (docs/benchmarks.md).
+Kernels and scan (bench/kernel_cases.py, bench/scan_cases.py, timed by bench/harness.py): raw JSON and a markdown
+table with, per case, each provider's median and worst time, its speed-up over the baseline measured in the same run,
+and the GB/s of the case's byte floor next to a copy bandwidth measured in the same run. Each provider's result is
+checked against the reference before it is timed; a failing case is a row marked FAILED, and the table is still
+written. On a GPU, `scripts/gpu.sh PART` runs the same code in parts that each fit one command (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ def run_kernels() -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"], action="append")
+    p.add_argument("--only", choices=["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"],
+                   action="append")
     args = p.parse_args(argv)
     only = set(args.only or ["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"])
     RESULTS.mkdir(exist_ok=True)
     failed = [] if "kernels" not in only or run_kernels() else ["kernels"]
     # Each script below reports its own failing cases in its table; a script that crashes stops nothing else.
-    for name, script in (("memory", "memory.py"), ("linear_cross_entropy", "linear_cross_entropy.py"), ("vocab", "vocab_usage.py"),
-                         ("trim", "trim.py"), ("peers", "peers.py")):
+    for name, script in (("memory", "memory.py"), ("linear_cross_entropy", "linear_cross_entropy.py"),
+                         ("vocab", "vocab_usage.py"), ("trim", "trim.py"), ("peers", "peers.py")):
         if name in only and subprocess.run([sys.executable, str(BENCH / script)]).returncode != 0:
             failed.append(name)
     if failed:

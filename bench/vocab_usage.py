@@ -69,8 +69,8 @@ def main():
                 "saved_bytes": before - after, "saved_bytes_frozen": before - after - frozen_head,
                 "seconds": time.perf_counter() - start,
             })
-            print(f"{name:14s} {corpus:34s} U={used.numel():>7,} of {vocab_size:>7,} ({used.numel() / vocab_size:6.1%})",
-                  flush=True)
+            print(f"{name:14s} {corpus:34s} U={used.numel():>7,} of {vocab_size:>7,} "
+                  f"({used.numel() / vocab_size:6.1%})", flush=True)
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vocab_usage.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -83,7 +83,8 @@ def main():
     for r in rows:
         lines.append(
             f"| {r['tokenizer']} | {r['model_shape']} (D={r['D']}, {_layout(r)}) | "
-            f"{r['corpus']} | {r['V']:,} | {r['U']:,} | {r['U/V']:.1%} | {r['embedding_state_bytes_full'] / gib:.2f} GiB | "
+            f"{r['corpus']} | {r['V']:,} | {r['U']:,} | {r['U/V']:.1%} | "
+            f"{r['embedding_state_bytes_full'] / gib:.2f} GiB | "
             f"{r['embedding_state_bytes_pema'] / gib:.2f} GiB ({r['saved_bytes'] / gib:.2f}) | "
             f"{r['embedding_state_bytes_pema_frozen'] / gib:.2f} GiB ({r['saved_bytes_frozen'] / gib:.2f}) |"
         )

@@ -138,7 +138,8 @@ def load_text_classification(name: str, num_train: int, num_test: int, seed: int
     return loaders[name](num_train, num_test, seed=seed)
 
 
-def load_word_lists(languages=("en", "de", "fr", "es", "ru", "zh", "ar", "ja"), top: int = 5000) -> dict[str, list[str]]:
+def load_word_lists(languages=("en", "de", "fr", "es", "ru", "zh", "ar", "ja"),
+                    top: int = 5000) -> dict[str, list[str]]:
     """The `top` most frequent words of each language (wordfreq): a multilingual vocabulary sample."""
     import wordfreq
 

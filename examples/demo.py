@@ -352,7 +352,8 @@ def main(argv=None):
     transformers.logging.disable_progress_bar()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    kernels = "Triton kernels" if pema_triton.resolve_backend("auto", device) == "triton" else "the PyTorch reference path"
+    kernels = ("Triton kernels" if pema_triton.resolve_backend("auto", device) == "triton"
+               else "the PyTorch reference path")
     print(f"device {device}: compact embeddings run {kernels}")
     meter = MemoryMeter(device)
     # The exit code says whether PEMA matched its exact baselines. On CPU the same gradient sums run in the same

@@ -4,6 +4,7 @@ Train only the embedding rows your fine-tuning data uses: scan the data once, co
 LM head) to the U used rows, fine-tune, merge the rows back.
 """
 
+from .embedding import CompactEmbedding
 from .errors import (
     AlreadyCompactedError,
     BackendError,
@@ -20,12 +21,17 @@ from .errors import (
     UsedIdsError,
     VocabularySizeError,
 )
-from .embedding import CompactEmbedding
 from .handle import PemaHandle, get_handle
 from .head import CompactLMHead
 from .modes import OutputMode
 from .ops import (
-    HAS_TRITON, Compaction, build_remap, compact_embedding, compact_embedding_backward, resolve_backend, scan_ids,
+    HAS_TRITON,
+    Compaction,
+    build_remap,
+    compact_embedding,
+    compact_embedding_backward,
+    resolve_backend,
+    scan_ids,
 )
 from .replace import replace_embeddings, restore_embeddings
 from .trim import save_trimmed

@@ -40,7 +40,9 @@ def in_distributed_job(group=None) -> bool:
 def _collective_device(group) -> torch.device:
     import torch.distributed as dist
 
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def largest_across_ranks(value: int, group=None) -> int:

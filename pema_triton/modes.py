@@ -6,7 +6,8 @@
   and `generate()` / `save_pretrained()` see V columns and V.
 - None (:class:`UntouchedHead`): the head is left alone (untied models only); as "frozen" for `generate()`.
 
-Each takes `fused_loss=True` (`mode.fused`, :mod:`pema_triton.fused_loss`) where it compacts the head. Each mode is one object that knows how it sets up and runs a :class:`~pema_triton.head.CompactLMHead`, what a
+The two that compact the head take `fused_loss=True` (`mode.fused`, :mod:`pema_triton.fused_loss`). Each mode is
+one object that knows how it sets up and runs a :class:`~pema_triton.head.CompactLMHead`, what a
 converted head must give on the original's logits (the probe), how it patches the model and how that is undone:
 nothing outside this module branches on the mode's name.
 """
@@ -22,7 +23,13 @@ from .errors import PemaError
 from .fused_loss import FusedLoss
 from .guards import check_full_vocabulary_logits
 from .model_patches import (
-    embedding_unused_ids, full_vocabulary, remap_labels, set_vocab_size, slice_logit_biases, vocab_configs, wrap_method,
+    embedding_unused_ids,
+    full_vocabulary,
+    remap_labels,
+    set_vocab_size,
+    slice_logit_biases,
+    vocab_configs,
+    wrap_method,
 )
 from .ops.frozen_head_linear import frozen_head_linear
 from .ops.remap import build_remap

@@ -31,8 +31,7 @@ from .id_check import check_ids_option
 from .modes import OutputMode, output_mode
 from .ops.remap import Compaction
 from .vocab import warn_missing_special_ids
-from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, route_peft_saves
-from .wrappers import trained_module
+from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, route_peft_saves, trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
 
@@ -63,8 +62,7 @@ def replace_embeddings(
         output: what happens to the output embedding (LM head), see :mod:`pema_triton.modes`:
             "frozen": full-vocabulary logits, bit-identical to the original model's; unused rows frozen.
             "restricted": logits over the U used ids only (a softmax over the used vocabulary).
-            None: the head is left alone. A model whose head is tied to the input embedding raises, since
-            compacting one side would untie them.
+            None: the head is left alone (a head tied to the input embedding raises: it would be untied).
         offload: where the full original matrices wait until restore ("cpu"), or None to leave them where
             they are. A `frozen` head keeps its own [V, D] copy on the model's device: it needs the unused rows.
         backend, deterministic, check_ids: passed to every :class:`CompactEmbedding` (:mod:`pema_triton.id_check`).
@@ -95,7 +93,8 @@ def replace_embeddings(
     _check_every_rank(compaction, process_group)
     warn_missing_special_ids(model, compaction, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
-    _compact(handle, targets, _offload_device(offload), backend=backend, deterministic=deterministic, check_ids=check_ids)
+    _compact(handle, targets, _offload_device(offload), backend=backend, deterministic=deterministic,
+             check_ids=check_ids)
     if peft_model is not None:  # PEFT froze the compact rows with every base weight
         route_peft_saves(peft_model, embedding_layers=handle.train_compact_rows() > 0)
     handle.finish(stats_before)

@@ -12,8 +12,8 @@ from torch import nn
 from .distributed import in_distributed_job, largest_across_ranks, union_across_ranks
 from .errors import PemaDTypeError, PemaError, PemaWarning
 from .ops.dispatch import resolve_backend
-from .ops.scan import scan_ids
 from .ops.remap import Compaction, build_remap, validate_used_ids
+from .ops.scan import scan_ids
 
 __all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids", "used_ids_from_byte_map"]
 

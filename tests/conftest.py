@@ -3,9 +3,10 @@ TRITON_INTERPRET where there is no GPU, before anything imports pema_triton)."""
 
 import os
 
-import helpers  # noqa: F401  (first: TRITON_INTERPRET before pema_triton is imported)
 import pytest
 import torch
+
+import helpers  # noqa: F401  (before any pema_triton import: it sets TRITON_INTERPRET)
 
 
 @pytest.fixture

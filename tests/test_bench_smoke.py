@@ -44,7 +44,8 @@ def test_pytest_benchmark_front_end_runs_the_same_checked_cases(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU path users get, full-sized
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "pytest", "test_bench_kernels.py", "-q", "-p", "no:cacheprovider",
-                             "-k", "V30522-zipf or V128256-zipf-N", f"--benchmark-json={out}", "--benchmark-min-rounds=1"],
+                             "-k", "V30522-zipf or V128256-zipf-N", f"--benchmark-json={out}",
+                             "--benchmark-min-rounds=1"],
                             cwd=BENCH, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     benchmarks = json.loads(out.read_text())["benchmarks"]
@@ -63,8 +64,8 @@ def test_loss_benchmark_runs_each_provider_and_they_agree(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     losses = {}
     for provider in ("unfused frozen", "fused frozen", "fused restricted", "restricted"):
-        result = subprocess.run([sys.executable, str(BENCH / "linear_cross_entropy.py"), "--one", provider, "0", "64", str(used_file),
-                                 "--rounds", "1"], capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run([sys.executable, str(BENCH / "linear_cross_entropy.py"), "--one", provider, "0", "64",
+                                 str(used_file), "--rounds", "1"], capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         row = json.loads(result.stdout.strip().splitlines()[-1])
         assert row["head_grad_shape"] == [len(range(0, 49152, 7)), 576] and row["peak_bytes"] > 0

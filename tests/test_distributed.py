@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ddp_job, fsdp_job, tiny_models
 
+from helpers import ddp_job, fsdp_job, tiny_models
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary
 
 pytestmark = pytest.mark.slow  # torchrun jobs of 2 gloo ranks (~95 s): `make test-all`

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+
 from helpers import tiny_models
 from helpers.devices import BACKENDS
 from helpers.state import snapshot
-
 from pema_triton import PemaError, UnsupportedModuleError, get_handle, replace_embeddings, restore_embeddings
 
 transformers = pytest.importorskip("transformers")

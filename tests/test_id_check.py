@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers.devices import BACKENDS, DEVICE, gpu_only
 
+from helpers.devices import BACKENDS, DEVICE, gpu_only
 from pema_triton import CompactEmbedding, PemaError, UnusedIdError, replace_embeddings
 
 V, D = 50, 8

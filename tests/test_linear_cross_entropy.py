@@ -4,8 +4,8 @@ and the Triton kernels against the reference, on shapes that hurt."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.devices import BACKENDS, DEVICE
 
+from helpers.devices import BACKENDS, DEVICE
 from pema_triton.ops import build_remap, compact_linear_cross_entropy, reference
 
 # (id, V, U, D, N, what the targets are)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.devices import BACKENDS, DEVICE, ON_GPU, gpu_only
 
 import pema_triton
 from helpers.cases import CASE_IDS, CASES, make_case, scatter_tolerance, tiered_grid
-from pema_triton.ops import reference
+from helpers.devices import BACKENDS, DEVICE, ON_GPU, gpu_only
 from pema_triton.errors import BackendError, IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError
+from pema_triton.ops import reference
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 

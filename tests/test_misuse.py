@@ -8,12 +8,19 @@ import copy
 
 import pytest
 import torch
+
 from helpers import tiny_models
 from helpers.state import assert_state as _assert_state
 from helpers.state import snapshot as _snapshot
-
-from pema_triton import PemaDTypeError, PemaError, UnusedIdError, get_handle, replace_embeddings, restore_embeddings
-from pema_triton import scan_vocabulary
+from pema_triton import (
+    PemaDTypeError,
+    PemaError,
+    UnusedIdError,
+    get_handle,
+    replace_embeddings,
+    restore_embeddings,
+    scan_vocabulary,
+)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -106,7 +113,6 @@ def test_masked_lm_fine_tuning_with_random_replacements_from_the_used_ids(tmp_pa
     re-draws those outside the used ids, uniformly over them. Real MiniLM tokenizer, real BBC News text."""
     datasets = pytest.importorskip("datasets")
     from helpers import real_assets
-
     from pema_triton import special_token_ids
     from pema_triton.hf import UsedVocabularyCollator
 

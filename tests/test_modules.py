@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from helpers.devices import BACKENDS, DEVICE, ON_GPU
 from torch import nn
 
 import pema_triton
+from helpers.devices import BACKENDS, DEVICE, ON_GPU
 from pema_triton import CompactEmbedding, CompactLMHead
 from pema_triton.errors import PemaError, UnsupportedModuleError, UnusedIdError, UsedIdsError
 

@@ -11,14 +11,22 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+
 from helpers import real_assets, tiny_models
 from helpers.devices import DEVICE, ON_GPU
 from helpers.state import assert_state, snapshot
 from helpers.training import assert_same_training, train
-from torch import nn
-
-from pema_triton import Compaction, PemaWarning, UnsupportedModuleError, get_handle, replace_embeddings
-from pema_triton import restore_embeddings, scan_vocabulary, special_token_ids
+from pema_triton import (
+    Compaction,
+    PemaWarning,
+    UnsupportedModuleError,
+    get_handle,
+    replace_embeddings,
+    restore_embeddings,
+    scan_vocabulary,
+    special_token_ids,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

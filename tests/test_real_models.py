@@ -9,10 +9,12 @@ k AdamW steps (weight decay 0), losses compared step by step and every weight af
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.devices import BACKENDS, DEVICE, ON_GPU
 
 from helpers import real_assets
-from helpers.training import STEPS, assert_same_training as _assert_same_training, train as _train
+from helpers.devices import BACKENDS, DEVICE, ON_GPU
+from helpers.training import STEPS
+from helpers.training import assert_same_training as _assert_same_training
+from helpers.training import train as _train
 from pema_triton import replace_embeddings, restore_embeddings, scan_vocabulary, special_token_ids
 
 transformers = pytest.importorskip("transformers")

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers.devices import BACKENDS
 
 from helpers import tiny_models
+from helpers.devices import BACKENDS
 from helpers.state import snapshot as _snapshot
 from pema_triton import (
     AlreadyCompactedError,
@@ -204,7 +204,8 @@ def test_restricted_builtin_loss_uses_remapped_labels(name):
     elif name == "bert-mlm":
         expected = torch.nn.functional.cross_entropy(masked.reshape(-1, tiny_models.V), labels.reshape(-1))
     else:
-        expected = torch.nn.functional.cross_entropy(masked[:, :-1].reshape(-1, tiny_models.V), labels[:, 1:].reshape(-1))
+        expected = torch.nn.functional.cross_entropy(masked[:, :-1].reshape(-1, tiny_models.V),
+                                                     labels[:, 1:].reshape(-1))
 
     replace_embeddings(model, used, output="restricted")
     with torch.no_grad():
@@ -287,7 +288,8 @@ def test_a_checkpoint_of_another_vocabulary_is_refused():
 
     # Only the head is of another vocabulary: nothing loads, not even the input matrix that comes first.
     before = model.state_dict()
-    state = {key: torch.full_like(tensor, 7) if tensor.is_floating_point() else tensor for key, tensor in before.items()}
+    state = {key: torch.full_like(tensor, 7) if tensor.is_floating_point() else tensor
+             for key, tensor in before.items()}
     state["lm_head.weight"] = torch.zeros(tiny_models.V + 3, 32)
     with pytest.raises(VocabularySizeError, match="'lm_head.weight' has shape"):
         model.load_state_dict(state)

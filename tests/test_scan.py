@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from helpers.devices import BACKENDS, DEVICE
 
 import pema_triton
-from pema_triton.vocab import used_ids_from_byte_map
+from helpers.devices import BACKENDS, DEVICE
 from pema_triton.errors import IdOutOfRangeError, PemaDTypeError, UsedIdsError
+from pema_triton.vocab import used_ids_from_byte_map
 
 
 def _fresh(vocab_size):

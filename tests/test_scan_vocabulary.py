@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers.devices import BACKENDS
 
+from helpers.devices import BACKENDS
 from pema_triton import PemaError, UsedIdsError, scan_vocabulary, special_token_ids
 
 ROWS = [[5, 6, 7], [7, 8], [90, 5]]

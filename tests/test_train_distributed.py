@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import real_assets
 
 pytestmark = pytest.mark.slow  # accelerate launch and torchrun jobs (~25 s): `make test-all`

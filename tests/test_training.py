@@ -12,16 +12,16 @@ The real-model versions (MiniLM, SmolLM2) are in tests/test_real_models.py (slow
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.devices import BACKENDS, DEVICE, ON_GPU
 
 from helpers import tiny_models
+from helpers.devices import BACKENDS, DEVICE, ON_GPU
 from helpers.training import STEPS, assert_same_training, train
 from pema_triton import replace_embeddings, restore_embeddings
 
 pytest.importorskip("transformers")
 
-EMBEDDING_KEY = {"bert-classifier": "bert.embeddings.word_embeddings.weight", "llama-untied": "model.embed_tokens.weight",
-                 "gpt2": "transformer.wte.weight"}
+EMBEDDING_KEY = {"bert-classifier": "bert.embeddings.word_embeddings.weight",
+                 "llama-untied": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
 CASES = [("bert-classifier", "frozen"), ("llama-untied", "frozen"), ("llama-untied", "restricted"),
          ("gpt2", "frozen"), ("gpt2", "restricted")]
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import pema_triton as pt
-from pema_triton.tokenizer_trim import TokenizerJson
-
 from helpers import real_assets
 from helpers.real_assets import assets, bbc_news, minilm_dir, smollm2
+from pema_triton.tokenizer_trim import TokenizerJson
 
 transformers = pytest.importorskip("transformers")
 

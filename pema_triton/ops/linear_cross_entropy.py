@@ -88,8 +88,8 @@ def compact_linear_cross_entropy(
     """
     if frozen_weight is None:
         if remap.numel() != weight.shape[0]:
-            raise PemaError(f"frozen_weight=None needs a remap of the U = {weight.shape[0]} rows (every row trainable), "
-                            f"got one of {remap.numel()} ids")
+            raise PemaError(f"frozen_weight=None needs a remap of the U = {weight.shape[0]} rows (every row "
+                            f"trainable), got one of {remap.numel()} ids")
         frozen_weight = weight  # read nowhere: with remap = arange(U) no row is frozen (no check: it would sync)
     params = _LossParams(ignore_index, _autocast_dtype(hidden.device), implementation(backend, hidden.device))
     flat_targets = targets.reshape(-1)

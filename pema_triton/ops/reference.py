@@ -2,7 +2,8 @@
 
 They are the CPU path for users without a GPU and the oracle every Triton kernel is tested against, so they
 favour clarity over speed; each mirrors its kernel's contract exactly (shapes, dtypes, what counts as a bad id).
-Nothing outside tests and `pema_triton.ops.dispatch` imports this module: production helpers live in `remap` and `_checks`.
+Nothing outside tests and `pema_triton.ops.dispatch` imports this module: production helpers live in `remap` and
+`_checks`.
 
 Notation: V the original vocabulary size, U the number of used ids (rows of the compact matrix), D the
 embedding width, N the number of token ids in a batch.
@@ -14,7 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (
-    accumulation_dtype, check_linear_cross_entropy_inputs, check_lookup_inputs, check_scan_state, check_scatter_inputs,
+    accumulation_dtype,
+    check_linear_cross_entropy_inputs,
+    check_lookup_inputs,
+    check_scan_state,
+    check_scatter_inputs,
 )
 from .remap import compact_rows
 

@@ -10,10 +10,10 @@ Notation: V the original vocabulary size, U the number of used ids, N the number
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
 import json
 import os
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# The modules, not the launchers pema_triton.kernels re-exports under the same names (`lookup`).
+# The modules, not the launchers pema_triton.ops.kernels re-exports under the same names (`lookup`).
 linear_cross_entropy, lookup, lookup_backward, scan = (
     importlib.import_module(f"pema_triton.ops.kernels.{m}")
     for m in ("linear_cross_entropy", "lookup", "lookup_backward", "scan")
@@ -39,9 +39,9 @@ def _kernels():
                "remap_ptr": "*i32", "acc_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "padding_row": "i32"},
                {"BLOCK_N": 8, "BLOCK_D": 512})
         blocks = lookup_backward.sorted_blocks(2**20, 4096)
-        yield (f"scatter-sorted-{dt}", lookup_backward._scatter_sorted_kernel, {"grad_out_ptr": p, "sorted_rows_ptr": "*i32",
-               "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32", "partial_ptr": "*fp32",
-               "grad_weight_ptr": p, "N": "i32", "D": "i32"},
+        yield (f"scatter-sorted-{dt}", lookup_backward._scatter_sorted_kernel, {"grad_out_ptr": p,
+               "sorted_rows_ptr": "*i32", "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32",
+               "partial_ptr": "*fp32", "grad_weight_ptr": p, "N": "i32", "D": "i32"},
                {"TILES": blocks["TILES"], "BLOCK_T": blocks["BLOCK_T"], "BLOCK_D": blocks["BLOCK_D"],
                 "ACC_DTYPE": tl.float32})
         yield (f"scatter-sorted-fixup-{dt}", lookup_backward._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
@@ -51,8 +51,8 @@ def _kernels():
         head = {"hidden_ptr": p, "weight_ptr": p, "frozen_ptr": p, "remap_ptr": "*i32", "targets_ptr": "*i64"}
         consts = {"V": 128_256, "D": 4096, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "IN_DTYPE": tdt,
                   "DOT_DTYPE": tdt, "ACC_DTYPE": tl.float32, "PRECISION": "ieee"}
-        yield (f"linear-ce-forward-{dt}", linear_cross_entropy._forward_kernel, head | {"loss_ptr": "*fp32", "lse_ptr": "*fp32",
-               "N": "i32"}, consts | {"IGNORE": -100})
+        yield (f"linear-ce-forward-{dt}", linear_cross_entropy._forward_kernel, head | {"loss_ptr": "*fp32",
+               "lse_ptr": "*fp32", "N": "i32"}, consts | {"IGNORE": -100})
         yield (f"linear-ce-backward-{dt}", linear_cross_entropy._backward_kernel, head | {"lse_ptr": "*fp32",
                "grad_loss_ptr": "*fp32", "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "N": "i32"}, consts)
     for ids in ("i32", "i64"):

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from helpers import tiny_models  # tests/ is on PYTHONPATH (set by the test that launches this job)
-
 from pema_triton import UsedIdsError, replace_embeddings, restore_embeddings, scan_vocabulary
 
 WORLD, STEPS, ROWS = 2, 3, 4  # ranks, optimizer steps, rows per rank and step

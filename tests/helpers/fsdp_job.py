@@ -7,7 +7,8 @@ ddp_job.STEPS steps, writing a sharded `torch.distributed.checkpoint` (model and
 Then: the full-vocabulary state dict (rank 0 saves it with save_pretrained), a refused restore_embeddings (and the
 state dict after it; tried after a forward without backward, which leaves the root's compact rows unsharded), a
 fresh model resumed from the sharded checkpoint that trains the remaining steps, and one compacted with other used
-ids (as many) that resumes from it, whose optimizer step must refuse the checkpoint's optimizer state. Rank 0 writes RESULT_DIR/result.pt; RESULT_DIR/pretrained is the plain checkpoint, RESULT_DIR/dcp the sharded one.
+ids (as many) that resumes from it, whose optimizer step must refuse the checkpoint's optimizer state. Rank 0 writes
+RESULT_DIR/result.pt; RESULT_DIR/pretrained is the plain checkpoint, RESULT_DIR/dcp the sharded one.
 """
 
 import sys
@@ -18,14 +19,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
 
 from helpers import ddp_job, tiny_models  # tests/ is on PYTHONPATH (set by the test that launches this job)
-
 from pema_triton import (
-    Compaction, PemaError, ShardedModelError, get_handle, replace_embeddings, restore_embeddings, scan_vocabulary,
+    Compaction,
+    PemaError,
+    ShardedModelError,
+    get_handle,
+    replace_embeddings,
+    restore_embeddings,
+    scan_vocabulary,
 )
 
 CUT = 1  # optimizer steps before the sharded checkpoint

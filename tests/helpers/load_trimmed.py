@@ -3,8 +3,8 @@
 Run as `python -I load_trimmed.py job.json out.pt` from a folder outside the repository (the slow tier), or import
 `load` to run the same code in the test's own process (the fast tier: a subprocess costs ~4 s of imports). The job
 is a list of {"dir", "auto_class", "texts", optional "max_length", optional "generate": max_new_tokens}; for each
-directory it writes the tokenizer's ids of every text, the model's output on them (hidden states or logits) and, if asked,
-greedy `generate` ids.
+directory it writes the tokenizer's ids of every text, the model's output on them (hidden states or logits) and, if
+asked, greedy `generate` ids.
 """
 
 import json

@@ -2,6 +2,7 @@
 dropout masks in both runs, losses compared step by step and every weight after restore."""
 
 import torch
+
 from helpers.devices import DEVICE, ON_GPU
 
 LR, STEPS = 1e-4, 3

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._checks import check_id_dtype, check_scan_state
 from ...errors import PemaDTypeError
+from .._checks import check_id_dtype, check_scan_state
 from ._common import INTERPRET, count_into, load_ids, on_tensors_device
 
 # Ids a program: 4096 ids of 4-8 bytes stream 16-32 KiB of input each. The interpreter runs programs one at a
