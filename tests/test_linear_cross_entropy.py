@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.devices import BACKENDS, DEVICE
+from pema_triton.errors import PemaDTypeError, PemaError
 from pema_triton.ops import build_remap, compact_linear_cross_entropy, reference
 
 # (id, V, U, D, N, what the targets are)
@@ -98,3 +99,33 @@ def test_autocast_runs_the_logit_gemm_in_the_autocast_dtype(backend):
     rounded = _fused(used, remap, full.bfloat16().double(), hidden.bfloat16().double(), targets, torch.float64,
                      "torch")
     torch.testing.assert_close(loss.double(), rounded[0], rtol=1e-5, atol=1e-5)  # bf16 inputs, fp32 sums
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what, change, error", [
+    ("float targets", lambda a: a | {"targets": a["targets"].double()}, PemaDTypeError),
+    ("int hidden", lambda a: a | {"hidden": a["hidden"].long()}, PemaDTypeError),
+    ("weight of another width", lambda a: a | {"weight": a["weight"][:, :-1]}, PemaError),
+    ("frozen rows not [V, D]", lambda a: a | {"frozen_weight": a["frozen_weight"][:-1]}, PemaError),
+    ("remap of another dtype", lambda a: a | {"remap": a["remap"].long()}, PemaError),
+])
+def test_bad_inputs_are_typed_errors_before_any_kernel(what, change, error, backend):
+    """Both implementations run the same checks (ops/_checks.py) on what the op is given."""
+    used, remap, full, hidden, targets = _case(97, 20, 40, 9, "random")
+    args = {"hidden": hidden.float().to(DEVICE), "weight": full[used].float().to(DEVICE),
+            "frozen_weight": full.float().to(DEVICE), "remap": remap.to(DEVICE), "targets": targets.to(DEVICE)}
+    with pytest.raises(error):
+        compact_linear_cross_entropy(**change(args), backend=backend)
+
+
+def test_frozen_weight_none_trains_every_row_as_the_identity_remap_would():
+    """`restricted`'s case: every row trainable, nothing frozen to pass."""
+    used, _, full, hidden, _ = _case(97, 20, 40, 9, "random")
+    targets = torch.randint(0, 20, (9,), generator=torch.Generator().manual_seed(1))
+    weight = full[used].clone().requires_grad_()
+    got = compact_linear_cross_entropy(hidden, weight, None, build_remap(torch.arange(20), 20), targets,
+                                       backend="torch")
+    expected = F.cross_entropy(hidden @ full[used].t(), targets)
+    torch.testing.assert_close(got, expected.float() if got.dtype == torch.float32 else expected)
+    with pytest.raises(PemaError, match="frozen_weight=None needs a remap of the U = 20 rows"):
+        compact_linear_cross_entropy(hidden, weight, None, build_remap(used, 97), targets, backend="torch")
