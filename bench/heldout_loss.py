@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "examples"), str(Path(__file__).resolve().parent)]
+import harness  # noqa: E402
 from assets import load_bbc_news, smollm2_dir  # noqa: E402
 
 import pema_triton  # noqa: E402
@@ -132,7 +133,7 @@ def main(argv=None):
         r["ppl_ratio_vs_full"] = math.exp(r["delta_vs_full"])
     out = {
         "config": vars(args) | {"vocab_size": len(tokenizer), "num_used": int(used.numel())},
-        "environment": {
+        "environment": harness.environment() | {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "pema_triton": pema_triton.__version__, "cpu_count": os.cpu_count(),

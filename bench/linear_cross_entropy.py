@@ -220,12 +220,16 @@ def main(argv=None):
                 rows.append(_measure(cmd, case))
                 print(table([r for r in rows if r["model"] == name and r["N"] == num_tokens])[-1], flush=True)
     tag = torch.cuda.get_device_name().replace(" ", "_") if ON_GPU else "cpu"
-    env = {"torch": torch.__version__, "device": tag, "python": sys.version.split()[0]}
+    sys.path.insert(0, str(BENCH))
+    import harness
+
+    env = harness.environment() | {"device": tag}
     stem = args.stem or f"linear_cross_entropy_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     lines = [f"# Head + loss, forward + backward ({tag})", "",
-             f"Measured by `python bench/linear_cross_entropy.py`; {env}.", "", *table(rows)]
+             f"Measured by `python bench/linear_cross_entropy.py`: torch {env['torch']}, triton {env['triton']}, "
+             f"CUDA {env['cuda']}, Python {env['python']}, commit {env['git_commit']}.", "", *table(rows)]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if any("error" in r for r in rows) else 0

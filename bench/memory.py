@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 # The repository root too: a bare GPU image runs this without pema_triton installed.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "examples")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "examples"),
+                str(Path(__file__).resolve().parent)]
 import assets  # noqa: E402
+import harness  # noqa: E402
 
 from pema_triton import replace_embeddings, scan_vocabulary, special_token_ids  # noqa: E402
 
@@ -179,11 +181,12 @@ def main(argv=None):
 
     tag = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {"device": tag, "torch": torch.__version__, "transformers": transformers.__version__}
+    env = harness.environment() | {"device": tag, "transformers": transformers.__version__}
     (args.out / f"memory_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     mib = 2**20
     lines = [
-        f"One training step (B={BATCH}, T={SEQ}, AdamW, fp32), 2 transformer layers; device {tag}.",
+        f"One training step (B={BATCH}, T={SEQ}, AdamW, fp32), 2 transformer layers; device {tag}, "
+        f"torch {env['torch']}, transformers {env['transformers']}, commit {env['git_commit']}.",
         "",
         "| model | PEMA | V | U | weights+buffers | gradients | optimizer | total | logits | peak CUDA | measured |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
