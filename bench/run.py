@@ -1,6 +1,7 @@
 """Runs every benchmark that fits this machine and writes results under bench/results/.
 
-    python bench/run.py            # kernels and scan, memory, head + loss, vocabulary usage, trim, peers
+    python bench/run.py            # kernels and scan (also as pytest-benchmark JSON), memory, head + loss,
+                                   # vocabulary usage, trim, peers
     python bench/run.py --only kernels
 
 Kernels and scan (bench/kernel_cases.py, bench/scan_cases.py, timed by bench/harness.py): raw JSON and a markdown
@@ -32,6 +33,26 @@ def run_kernels() -> bool:
     return gpu.part_scan(RESULTS, budget, dry=False, stem=f"scan_{tag}") and ok
 
 
+def run_pytest_benchmark() -> bool:
+    """bench/test_bench_kernels.py under pytest-benchmark: kernels_<device>.benchmark.json, with its machine_info and
+    commit_info (the same checked cases as run_kernels, timed by pytest-benchmark's rounds)."""
+    import harness
+
+    out = RESULTS / f"kernels_{harness.device_slug()}.benchmark.json"
+    cmd = [sys.executable, "-m", "pytest", "test_bench_kernels.py", "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={out}"]
+    return subprocess.run(cmd, cwd=BENCH).returncode == 0
+
+
+def prepare_ids() -> None:
+    """The real-text id streams the kernel cases read (bench/.ids, ignored by git), made once."""
+    import ids
+
+    missing = [key for key in ids.TOKENIZERS if not ids.prepared_path(key).exists()]
+    if missing:
+        subprocess.run([sys.executable, str(BENCH / "prepare_ids.py"), "--tokenizers", *missing], check=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"],
@@ -39,7 +60,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     only = set(args.only or ["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers"])
     RESULTS.mkdir(exist_ok=True)
+    if "kernels" in only:
+        prepare_ids()
     failed = [] if "kernels" not in only or run_kernels() else ["kernels"]
+    if "kernels" in only and not run_pytest_benchmark():
+        failed.append("pytest-benchmark")
     # Each script below reports its own failing cases in its table; a script that crashes stops nothing else.
     for name, script in (("memory", "memory.py"), ("linear_cross_entropy", "linear_cross_entropy.py"),
                          ("vocab", "vocab_usage.py"), ("trim", "trim.py"), ("peers", "peers.py")):

@@ -35,9 +35,12 @@ def _load(name: str) -> dict:
 
 
 def _commits(data) -> set[str]:
-    """Every "git_commit" value anywhere in a result."""
+    """Every "git_commit" value anywhere in a result (pytest-benchmark's: `commit_info.id`, clean trees only)."""
     if isinstance(data, dict):
         found = {data["git_commit"]} if isinstance(data.get("git_commit"), str) else set()
+        info = data.get("commit_info")
+        if isinstance(info, dict) and not info.get("dirty", True):
+            found.add(info["id"])
         return found.union(*(_commits(v) for v in data.values()))
     if isinstance(data, list):
         return set().union(*(_commits(v) for v in data))
