@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UnsupportedModuleError
+from .errors import PemaError, UnsupportedModuleError
+from .id_check import BadIdWatch
 from .model_patches import arguments_by_name
 from .ops.linear_cross_entropy import compact_linear_cross_entropy
 
-__all__ = ["FusedLoss", "FusedLossCall"]
+__all__ = ["FusedLoss", "FusedLossCall", "check_bad_labels"]
 
 # Config attributes of logit transforms the fused loss does not apply; any set (not None) is refused.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -38,25 +39,34 @@ _PROBE_TOKENS = 8
 class FusedLossCall:
     """One model call's fused loss on its way from hook to hook, kept on the head as `head.fused_call`.
 
-    Lifecycle: made by `setup_head`, dropped by `teardown_head`. Per call, the model's forward pre-hook `arm`s it
-    with the targets; the head's forward takes them (`take_targets`) and leaves the loss (`loss`); the model's
-    forward hook takes that (`take_loss`). Each take empties its field, so nothing outlives the call that set it.
+    Lifecycle: made by `setup_head`, dropped by `teardown_head`. Every model call starts by `reset` (so nothing of
+    a call that raised part-way reaches the next); the model's forward pre-hook `arm`s it with the targets; the
+    head's forward takes them (`take_targets`) and leaves the loss (`loss`); the model's forward hook takes that
+    (`take_loss`). Each take empties its field, so nothing outlives the call that set it.
 
     backend: replace_embeddings' `backend=`. probing: run the fused path in eval mode (the replace-time probe).
-    targets: [*] shifted labels in original ids (or -100). num_items_in_batch: the Trainer's denominator, or None.
+    loss_function: the model's `loss_function` at replace time (a later one is refused, not bypassed).
+    targets: [*] shifted labels in original ids (or `ignore_index`). num_items_in_batch: the Trainer's
+    denominator, or None. ignore_index: the target that counts for nothing (`model(..., ignore_index=)`).
     """
 
     backend: str = "auto"
     probing: bool = False
+    loss_function: object = None
     targets: torch.Tensor | None = None
     num_items_in_batch: torch.Tensor | int | None = None
+    ignore_index: int = -100
     loss: torch.Tensor | None = None
 
-    def arm(self, targets: torch.Tensor, num_items_in_batch) -> None:
-        self.targets, self.num_items_in_batch = targets, num_items_in_batch
+    def reset(self) -> None:
+        self.targets = self.num_items_in_batch = self.loss = None
+        self.ignore_index = -100
 
-    def take_targets(self) -> tuple[torch.Tensor | None, torch.Tensor | int | None]:
-        taken = self.targets, self.num_items_in_batch
+    def arm(self, targets: torch.Tensor, num_items_in_batch, ignore_index: int) -> None:
+        self.targets, self.num_items_in_batch, self.ignore_index = targets, num_items_in_batch, ignore_index
+
+    def take_targets(self) -> tuple[torch.Tensor | None, torch.Tensor | int | None, int]:
+        taken = self.targets, self.num_items_in_batch, self.ignore_index
         self.targets = self.num_items_in_batch = None
         return taken
 
@@ -82,20 +92,26 @@ class FusedLoss:
     def setup_head(self, head, full_weight, full_bias):
         super().setup_head(head, full_weight, full_bias)
         head.register_buffer("loss_remap", self.loss_remap(head), persistent=False)
-        head.fused_call = FusedLossCall()
+        # Targets outside the vocabulary, counted as the embedding counts its bad ids (pema_triton.id_check).
+        head.register_buffer("bad_label_count", torch.zeros(1, dtype=torch.int32, device=full_weight.device),
+                             persistent=False)
+        head.fused_call, head.bad_label_watch = FusedLossCall(), BadIdWatch(what="labels")
 
     def teardown_head(self, head):
         super().teardown_head(head)
-        head._buffers.pop("loss_remap", None)
-        head.__dict__.pop("fused_call", None)
+        for name in ("loss_remap", "bad_label_count"):
+            head._buffers.pop(name, None)
+        for name in ("fused_call", "bad_label_watch", "check_labels"):
+            head.__dict__.pop(name, None)
 
     def head_forward(self, head, hidden):
-        targets, num_items = head.fused_call.take_targets()
+        targets, num_items, ignore_index = head.fused_call.take_targets()
         if targets is None:
             return super().head_forward(head, hidden)
+        targets = _checked_targets(head, targets.to(hidden.device), ignore_index)
         head.fused_call.loss = compact_linear_cross_entropy(
-            hidden, head.weight, self.frozen_rows(head), head.loss_remap, targets.to(hidden.device),
-            num_items_in_batch=num_items, backend=head.fused_call.backend,
+            hidden, head.weight, self.frozen_rows(head), head.loss_remap, targets, num_items_in_batch=num_items,
+            ignore_index=ignore_index, backend=head.fused_call.backend,
         )
         return hidden.new_empty(*hidden.shape[:-1], 0)  # the logits the model never needs: [..., 0]
 
@@ -104,6 +120,8 @@ class FusedLoss:
         _check_supported(handle)
         model, head = handle.model, handle.heads[0]
         head.fused_call.backend = handle.embeddings[0].backend  # the backend= of replace_embeddings
+        head.fused_call.loss_function = getattr(model, "loss_function", None)
+        head.check_labels = handle.embeddings[0].check_ids  # the check_ids= of replace_embeddings
         pre = model.register_forward_pre_hook(functools.partial(_take_labels, head), with_kwargs=True)
         post = model.register_forward_hook(functools.partial(_give_loss, head))
         handle.on_undo(pre.remove)
@@ -132,6 +150,7 @@ def _check_supported(handle) -> None:
 def _take_labels(head, model, args, kwargs):
     """Forward pre-hook: in training (or while probing), labels become the head's targets, not the model's."""
     call = head.fused_call
+    call.reset()
     if not (model.training or call.probing):
         return None
     if "labels" not in kwargs and args:
@@ -139,20 +158,75 @@ def _take_labels(head, model, args, kwargs):
     labels = kwargs.pop("labels", None)
     if labels is None:
         return args, kwargs
+    _refuse_another_loss_function(call, model)
+    ignore_index = kwargs.pop("ignore_index", -100)  # the model's loss takes it; so does this one
     targets = kwargs.pop("shift_labels", None)
     if targets is None:  # the model's own shift: token t predicts label t + 1, the last position nothing
-        targets = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    call.arm(targets, kwargs.get("num_items_in_batch"))
+        targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    _check_label_shape(targets, kwargs)
+    call.arm(targets, kwargs.get("num_items_in_batch"), ignore_index)
     return args, kwargs
 
 
+def _refuse_another_loss_function(call, model) -> None:
+    if getattr(model, "loss_function", None) is not call.loss_function:
+        raise UnsupportedModuleError(
+            f"{type(model).__name__}'s loss_function (or loss_type) changed after replace_embeddings(fused_loss=True): "
+            "the fused loss computes the causal-LM cross-entropy the probe checked, not another objective; "
+            "restore, set the loss, then compact with fused_loss=False"
+        )
+
+
+def _check_label_shape(targets: torch.Tensor, kwargs: dict) -> None:
+    """Labels (or shift_labels) must be [batch, sequence] like the inputs: else a clear error, as the model's own
+    loss would fail later with a shape mismatch deep in cross-entropy."""
+    inputs = kwargs.get("input_ids")
+    shape = tuple(inputs.shape) if inputs is not None else None
+    if shape is None and kwargs.get("inputs_embeds") is not None:
+        shape = tuple(kwargs["inputs_embeds"].shape[:-1])
+    if shape is not None and tuple(targets.shape) != shape:
+        raise PemaError(f"labels have shape {tuple(targets.shape)} but the inputs {shape}: a causal LM's labels are "
+                        f"one token id (or -100) per input position")
+
+
+def _checked_targets(head, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Targets outside [0, V) (other than `ignore_index`) are counted for the label check and count for nothing
+    meanwhile: the error comes at this forward on CPU, a forward or two later on CUDA (no host sync), or at
+    `handle.check_ids()`, as for the embedding's bad ids; no step trains on them in between."""
+    width = head.loss_remap.numel()
+    bad = ((targets < 0) | (targets >= width)) & (targets != ignore_index)
+    if head.check_labels is not False:
+        shown = torch.where(targets == ignore_index, 0, targets)  # what the error names: the bad ones only
+        head.bad_label_watch.observe(shown, bad.sum(dtype=torch.int32).reshape(1), head.bad_label_count,
+                                     _every_label_valid(head), head.check_labels)
+    return torch.where(bad, ignore_index, targets)
+
+
+def check_bad_labels(head) -> None:
+    """Waits for the fused forwards still being counted; raises `IdOutOfRangeError` if any was given labels outside
+    [0, V) (a no-op for a head without the fused loss, or with `check_ids=False`)."""
+    if getattr(head, "check_labels", False) is not False:
+        head.bad_label_watch.check(head.bad_label_count, _every_label_valid(head))
+
+
+def _every_label_valid(head) -> torch.Tensor:
+    """A [V] "remap" with a row for every id (zero-strided: no memory), so the watch's error names only the labels
+    outside [0, V), never an unused one: the fused loss's softmax runs over the whole vocabulary."""
+    return torch.zeros(1, dtype=torch.int32, device=head.bad_label_count.device).expand(head.loss_remap.numel())
+
+
 def _give_loss(head, model, args, output):
-    """Forward hook: the fused loss into the model's output, whose logits are None."""
+    """Forward hook: the fused loss into the model's output, whose logits are None; a mixture-of-experts model's
+    router load-balancing loss is added as the model adds it when it computes the loss itself."""
     loss = head.fused_call.take_loss()
     if loss is None:
         return None
     if isinstance(output, tuple):  # return_dict=False: the model's (loss, logits, ...) with labels
         return (loss, None, *output[1:])
+    aux_loss = output.get("aux_loss")
+    if aux_loss is not None:
+        coefficient = getattr(model, "router_aux_loss_coef", getattr(model.config, "router_aux_loss_coef", 0.0))
+        loss = loss + coefficient * aux_loss.to(loss.device)
     fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
     return type(output)(loss=loss, logits=None, **fields)
 

@@ -18,9 +18,10 @@ from torch import nn
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
 from .distributed import refuse_sharded_restore, whole
 from .errors import NotCompactedError
+from .fused_loss import check_bad_labels
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
-from .ops.remap import Compaction, labels_to_columns
+from .ops.remap import Compaction, labels_to_columns, raise_for_out_of_range
 from .wrappers import inner_model
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,17 @@ class PemaHandle:
         anyway (`PemaCallback` does at each log, save and the end of training). See :mod:`pema_triton.id_check`."""
         for embedding in self.embeddings:
             embedding.check_bad_ids()
+        for head in self.heads:  # a fused loss's labels outside the vocabulary
+            check_bad_labels(head)
 
     def columns_to_ids(self, columns: torch.Tensor) -> torch.Tensor:
-        """Compact columns of `restricted` logits (e.g. their argmax) -> original token ids."""
+        """Compact columns of `restricted` logits (e.g. their argmax) -> original token ids.
+
+        Raises:
+            IdOutOfRangeError: a column outside [0, U) (a negative one would index from the end).
+        """
+        raise_for_out_of_range(columns, self.compaction.num_used, what="columns",
+                               hint="a column indexes the U used ids (used_ids[column])")
         return self.used_ids.to(columns.device)[columns]
 
     # -- checkpoints -----------------------------------------------------------------------------------------

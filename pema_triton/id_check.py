@@ -49,7 +49,8 @@ class BadIdWatch:
     `model.to(...)`); they are passed in.
     """
 
-    def __init__(self):
+    def __init__(self, what: str = "token ids"):
+        self.what = what  # what the ids are, for the error: "token ids" (the embedding's), "labels" (a fused loss's)
         self._pending = deque()  # (event or None, [1] host count, ids) of forwards not yet read, oldest first
 
     def observe(self, ids: torch.Tensor, num_bad: torch.Tensor, counter: torch.Tensor, remap: torch.Tensor,
@@ -88,17 +89,18 @@ class BadIdWatch:
         counter.zero_()
         self._pending.clear()
         if ids is not None:
-            raise_for_bad_ids(ids, remap)
+            raise_for_bad_ids(ids, remap, what=self.what)
         raise UnusedIdError(
-            "a compiled or graph-captured forward looked up token ids that are not in the used vocabulary (or are "
+            f"a compiled or graph-captured forward was given {self.what} that are not in the used vocabulary (or are "
             "outside [0, V)); run a step eagerly with check_ids='sync' to see which", []
         )
 
     # Events and pinned buffers belong to one process and stream: a copy (deepcopy, pickle) starts with none.
     def __getstate__(self):
-        return {}
+        return {"what": self.what}
 
     def __setstate__(self, state):
+        self.what = state.get("what", "token ids")
         self._pending = deque()
 
 

@@ -127,8 +127,11 @@ def remap_labels(handle, model, args, kwargs):
         # Decoder inputs come from the labels in *original* ids, before the labels become compact columns.
         kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
     # The table is read at each call: `model.to("cuda")` after replace puts a new tensor in the buffer.
-    remap = handle.embeddings[0].remap
-    kwargs["labels"] = labels_to_columns(labels, remap.to(labels.device))
+    remap = handle.embeddings[0].remap.to(labels.device)
+    ignore_index = kwargs.get("ignore_index", -100)  # the model's loss takes it, and passes it through
+    for name in ("labels", "shift_labels"):  # shift_labels: already shifted, in original ids as labels are
+        if kwargs.get(name) is not None:
+            kwargs[name] = labels_to_columns(kwargs[name], remap, ignore_index)
     return args, kwargs
 
 
