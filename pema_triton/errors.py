@@ -77,7 +77,8 @@ class NotCompactedError(PemaError):
 
 
 class VocabularySizeError(PemaError):
-    """A checkpoint (or tensor) whose vocabulary size differs from the compacted model's V."""
+    """A vocabulary size that does not fit: a `vocab_size=` that is no positive int, or a checkpoint (or tensor)
+    whose vocabulary size differs from the compacted model's V."""
 
 
 class SaveDirectoryError(PemaError, FileExistsError):

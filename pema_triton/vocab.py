@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .distributed import in_distributed_job, largest_across_ranks, union_across_ranks
-from .errors import PemaDTypeError, PemaError, PemaWarning
+from .errors import PemaError, PemaWarning, UsedIdsError, VocabularySizeError
 from .ops.dispatch import resolve_backend
 from .ops.remap import Compaction, build_remap, validate_used_ids
 from .ops.scan import scan_ids
+from .scan_sources import is_datasets, progress_total, source_chunks, widened_ids
 
 __all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids", "used_ids_from_byte_map"]
 
@@ -53,8 +54,7 @@ class VocabularyScan:
         ignore_index: int | None = -100,
         backend: str = "auto",
     ):
-        if vocab_size < 1:
-            raise PemaError(f"vocab_size must be positive, got {vocab_size}")
+        _check_vocab_size(vocab_size)
         self.device = torch.device(device)
         resolve_backend(backend, self.device)  # an impossible backend fails here, not at the first chunk
         self.vocab_size, self.ignore_index, self.backend = vocab_size, ignore_index, backend
@@ -63,8 +63,8 @@ class VocabularyScan:
         self.num_tokens = 0
 
     def update(self, ids: torch.Tensor) -> VocabularyScan:
-        """Marks every id of `ids` [*] (int32/int64). Raises IdOutOfRangeError on ids outside [0, V)."""
-        ids = torch.as_tensor(ids).to(self.device, non_blocking=True)
+        """Marks every id of `ids` [*] (any integer dtype). Raises IdOutOfRangeError on ids outside [0, V)."""
+        ids = widened_ids(torch.as_tensor(ids)).to(self.device, non_blocking=True)
         scan_ids(ids, self.byte_map, self.counts, ignore_index=self.ignore_index, backend=self.backend)
         self.num_tokens += ids.numel()
         return self
@@ -91,7 +91,7 @@ class VocabularyScan:
     def used_ids(self, keep: Iterable[int] | torch.Tensor = ()) -> torch.Tensor:
         """[U] sorted int64 ids seen so far, plus `keep` (ids that must stay, e.g. special tokens)."""
         byte_map = self.byte_map
-        keep = torch.as_tensor(list(keep) if not isinstance(keep, torch.Tensor) else keep, dtype=torch.int64)
+        keep = _keep_ids(keep)
         if keep.numel():
             byte_map = byte_map.clone()
             byte_map[validate_used_ids(torch.unique(keep), self.vocab_size).to(self.device)] = 1
@@ -143,95 +143,25 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-def _is_datasets(source, kind: str) -> bool:
-    """isinstance against a `datasets` class without importing datasets (an optional dependency)."""
-    return any(cls.__module__.startswith("datasets") and cls.__name__ == kind for cls in type(source).__mro__)
+def _check_vocab_size(vocab_size) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
+        raise VocabularySizeError(f"vocab_size must be a positive int (len(tokenizer) or config.vocab_size), got "
+                                  f"{vocab_size!r} ({type(vocab_size).__name__})")
 
 
-def _arrow_ids(column, name: str) -> torch.Tensor:
-    """Flattens a pyarrow (chunked) list column of token ids, however nested, into one int64 tensor."""
-    import pyarrow as pa
-
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = []
-    for chunk in chunks:
-        while pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
-            chunk = chunk.flatten()
-        if not pa.types.is_integer(chunk.type) and not pa.types.is_null(chunk.type):
-            raise PemaDTypeError(f"column {name!r} holds {chunk.type}, not integer token ids; tokenize it first, "
-                                 f"or cast it if it holds ids stored as floats")
-        parts.append(torch.from_numpy(chunk.to_numpy(zero_copy_only=False).astype("int64")))  # a writable copy
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-
-def _chunks(source, columns: tuple[str, ...], batch_size: int, seen: set[str]):
-    """Yields (ids, done): int tensors of token ids from any supported source (see :func:`scan_vocabulary`), and
-    how far each moves the progress bar, in the unit of :func:`_progress_total` (dataset rows, else items).
-
-    `ids` is None on the marker that closes one item of an iterable. `seen` collects the columns found.
-    """
-    if isinstance(source, (str, bytes)):
-        raise PemaError(f"cannot scan text ({str(source)[:40]!r}): scan token ids, i.e. tokenize the data first")
-    if _is_numpy_array(source):
-        source = torch.as_tensor(source)
-    if isinstance(source, torch.Tensor):
-        yield source, 1
-    elif _is_datasets(source, "DatasetDict") or _is_datasets(source, "IterableDatasetDict"):
-        for split in source.values():
-            yield from _chunks(split, columns, batch_size, seen)
-    elif _is_datasets(source, "Dataset"):
-        present = [c for c in columns if c in source.column_names]
-        if not present:
-            raise PemaError(f"dataset has none of the columns {columns}; its columns are {source.column_names}")
-        seen.update(present)
-        # Arrow batches respect shuffles and selections (indices mappings) and flatten without Python loops.
-        for table in source.with_format("arrow").iter(batch_size=batch_size):
-            for k, name in enumerate(present):
-                yield _arrow_ids(table[name], name), table.num_rows if k == len(present) - 1 else 0
-    elif isinstance(source, Mapping):
-        present = [c for c in columns if c in source]
-        if not present:
-            raise PemaError(f"batch has none of the columns {columns}; its keys are {list(source)}")
-        seen.update(present)
-        for k, name in enumerate(present):
-            yield _as_ids(source[name], name), 1 if k == len(present) - 1 else 0
-    elif isinstance(source, (list, tuple)) and source and isinstance(source[0], numbers.Integral):
-        yield _as_ids(source, "ids"), 1
-    elif isinstance(source, Iterable):
-        for item in source:
-            for ids, _ in _chunks(item, columns, batch_size, seen):
-                if ids is not None:
-                    yield ids, 0
-            yield None, 1
-    else:
-        raise PemaError(f"cannot scan a {type(source).__name__}: give tensors, dict batches, a DataLoader or a dataset")
-
-
-def _progress_total(source) -> int | None:
-    """Length of the progress bar: rows of a dataset (all splits of a DatasetDict), items of a sized iterable."""
-    if _is_datasets(source, "DatasetDict"):
-        return sum(len(split) for split in source.values())
-    if isinstance(source, torch.Tensor) or not hasattr(source, "__len__"):
-        return None
-    return len(source)
-
-
-def _is_numpy_array(value) -> bool:
-    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
-
-
-def _as_ids(value, name: str) -> torch.Tensor:
-    """A column's value (a tensor, numpy array, list of ids or ragged list of rows) as a flat tensor of ids;
-    float ids stay float, so the scan refuses them rather than truncating."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):  # ragged lists
-        value = [i for row in value for i in row]
-    try:
-        ids = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise PemaError(f"column {name!r} does not hold token ids ({err}); tokenize the data first") from None
-    return ids if ids.numel() else ids.to(torch.int64)  # an empty row has no dtype of its own
+def _keep_ids(keep) -> torch.Tensor:
+    """`keep=` (None, a tensor, or any iterable of ints) as an int64 tensor."""
+    if keep is None:
+        return torch.empty(0, dtype=torch.int64)
+    if not isinstance(keep, torch.Tensor):
+        try:
+            keep = torch.as_tensor(list(keep))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise UsedIdsError(f"keep must be token ids (e.g. special_token_ids(tokenizer)), got {keep!r}: {err}") \
+                from None
+    if keep.numel() and (keep.is_floating_point() or keep.is_complex() or keep.dtype == torch.bool):
+        raise UsedIdsError(f"keep must be integer token ids, got {keep.dtype}")
+    return keep.to(torch.int64).flatten()
 
 
 def scan_vocabulary(
@@ -276,7 +206,9 @@ def scan_vocabulary(
     columns = (columns,) if isinstance(columns, str) else tuple(columns)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    keep = [int(i) for i in keep]
+    keep = _keep_ids(keep).tolist()
+    if vocab_size is not None:
+        _check_vocab_size(vocab_size)
     size = vocab_size if vocab_size is not None else max(keep, default=-1) + 1
     scan = VocabularyScan(max(size, 1), device=device, ignore_index=ignore_index, backend=backend)
     _scan_chunks(scan, source, columns, batch_size, grow=vocab_size is None, bar=_progress(source, progress))
@@ -289,7 +221,7 @@ def scan_vocabulary(
 def _scan_chunks(scan: VocabularyScan, source, columns: tuple[str, ...], batch_size: int, grow: bool, bar) -> None:
     """Marks every chunk of `source` in `scan` (growing it to the largest id when `grow`), moving `bar`."""
     seen: set[str] = set()
-    for ids, done in _chunks(source, columns, batch_size, seen):
+    for ids, done in source_chunks(source, columns, batch_size, seen):
         if ids is not None:
             ids = torch.as_tensor(ids)
             if grow and ids.numel():
@@ -306,12 +238,12 @@ def _scan_chunks(scan: VocabularyScan, source, columns: tuple[str, ...], batch_s
 def _progress(source, progress: bool | None):
     if progress is False:
         return None
-    total = _progress_total(source)
+    total = progress_total(source)
     if progress is None and (total is None or total < 100):
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    unit = "row" if _is_datasets(source, "Dataset") or _is_datasets(source, "DatasetDict") else "batch"
+    unit = "row" if is_datasets(source, "Dataset") or is_datasets(source, "DatasetDict") else "batch"
     return tqdm(total=total, desc="scanning vocabulary", unit=unit)
