@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, PemaError
 from .dispatch import HAS_TRITON, kernels_or_reference, uses_kernels
-from .remap import raise_for_bad_ids
+from .remap import check_remap_fits, raise_for_bad_ids
 
 BACKWARD_METHODS = ("auto", "atomic", "sorted")
 
@@ -142,11 +142,18 @@ def compact_embedding(
         >>> compact_embedding(torch.tensor([[5, 7, 2]]), remap, torch.randn(3, 4)).shape
         torch.Size([1, 3, 4])
     """
+    _check_padding_row(padding_row, weight.shape[0] if weight.dim() == 2 else 0)
+    check_remap_fits(remap, weight.shape[0] if weight.dim() == 2 else 0)
     out, num_bad = compact_embedding_unchecked(ids, remap, weight, padding_row=padding_row, backend=backend,
                                                deterministic=deterministic, method=method)
     if check_ids and num_bad.item():
         raise_for_bad_ids(ids, remap)
     return out
+
+
+def _check_padding_row(padding_row: int, num_rows: int) -> None:
+    if not -1 <= int(padding_row) < max(num_rows, 1):
+        raise PemaError(f"padding_row must be -1 (none) or a row in [0, {num_rows}), got {padding_row}")
 
 
 def compact_embedding_unchecked(
@@ -183,6 +190,9 @@ def compact_embedding_backward(
     Returns:
         [U, D] in grad_out's dtype, accumulated in float32. Nothing [V, D] is allocated.
     """
+    num_rows, padding_row = int(num_rows), int(padding_row)
+    _check_padding_row(padding_row, num_rows)
+    check_remap_fits(remap, num_rows)
     use_kernels = uses_kernels(backend, grad_out.device)
     method = backward_method(method, deterministic, grad_out.dtype)
     return _lookup_backward_op(grad_out, ids, remap, int(num_rows), int(padding_row), method, use_kernels)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import weakref
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "Compaction",
     "build_remap",
     "check_remap",
+    "check_remap_fits",
     "compact_rows",
     "labels_to_columns",
     "raise_for_bad_ids",
@@ -37,10 +39,41 @@ __all__ = [
 
 
 def build_remap(used_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[U] sorted used ids -> [V] int32 table: `remap[used_ids[i]] = i`, -1 elsewhere."""
-    remap = torch.full((vocab_size,), -1, dtype=torch.int32, device=used_ids.device)
-    remap[used_ids] = torch.arange(used_ids.numel(), dtype=torch.int32, device=used_ids.device)
+    """[U] sorted used ids -> [V] int32 table on their device: `remap[used_ids[i]] = i`, -1 elsewhere.
+
+    Raises:
+        UsedIdsError: `used_ids` not sorted unique ids in [0, `vocab_size`) (checked on the host: set-up time).
+    """
+    device = used_ids.device if isinstance(used_ids, torch.Tensor) else torch.device("cpu")
+    if device.type == "meta":  # a model built on the meta device: no values to check or to write
+        return torch.empty(vocab_size, dtype=torch.int32, device=device)
+    used_ids = validate_used_ids(used_ids, vocab_size).to(device)
+    remap = torch.full((vocab_size,), -1, dtype=torch.int32, device=device)
+    remap[used_ids] = torch.arange(used_ids.numel(), dtype=torch.int32, device=device)
     return remap
+
+
+# Tables check_remap_fits has read already, unchanged since (weak reference, version, rows): the last few.
+_FITTING: list[tuple[weakref.ref, int, int]] = []
+
+
+def check_remap_fits(remap: torch.Tensor, num_rows: int) -> None:
+    """Raises unless every entry of `remap` is -1 or a row of a `num_rows`-row matrix: a table that points past the
+    matrix would make a kernel read or write outside it. Reads the table's extremes back (one sync on a GPU) once
+    per table and version: a table used again, unchanged, costs nothing."""
+    if torch.compiler.is_compiling():
+        return
+    for ref, version, rows in _FITTING:
+        if ref() is remap and version == remap._version and rows == num_rows:
+            return
+    if remap.numel():
+        low, high = (int(v) for v in torch.aminmax(remap))
+        if low < -1 or high >= num_rows:
+            raise PemaError(f"remap holds rows in [{low}, {high}] but the compact matrix has {num_rows} rows: every "
+                            f"entry must be -1 (unused) or a row in [0, {num_rows}); build it with "
+                            f"build_remap(used_ids, vocab_size) for a [{num_rows}, D] matrix of those ids' rows")
+    _FITTING.append((weakref.ref(remap), remap._version, num_rows))
+    del _FITTING[:-8]
 
 
 def check_remap(remap: torch.Tensor, device: torch.device) -> None:
@@ -87,6 +120,9 @@ def _as_id_tensor(used_ids) -> torch.Tensor:
         ids = torch.as_tensor(used_ids)
     except (TypeError, ValueError, RuntimeError) as err:
         raise UsedIdsError(f"used_ids must be integer token ids, got {type(used_ids).__name__}: {err}") from None
+    if ids.numel() == 0:  # torch.as_tensor([]) is float32: say what is wrong, not the dtype it guessed
+        raise UsedIdsError("used_ids is empty: a compaction needs a non-empty set of ids (scan the data the model "
+                           "will see)")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise UsedIdsError(f"used_ids must be integer token ids, got {ids.dtype}")
     return ids
