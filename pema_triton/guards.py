@@ -131,8 +131,15 @@ def _check_optimizer_step(optimizer, args, kwargs):
 
 
 def _check_state_shapes(optimizer, param, name: str) -> None:
+    """State of the full [V, ...] matrix on [U, ...] compact rows (loaded from an uncompacted model's checkpoint).
+
+    Only a tensor with V leading rows where the parameter has U is that: optimizers keep state of other shapes
+    (Adafactor's factored [U] / [D] second moments, 8-bit optimizers' quantization blocks, LBFGS's flat history).
+    """
+    vocab_size, num_used, _ = getattr(param, _COMPACTION)
     for key, value in optimizer.state.get(param, {}).items():
-        if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+        if (torch.is_tensor(value) and value.dim() and vocab_size != num_used and value.shape[0] == vocab_size
+                and tuple(value.shape[1:]) == tuple(param.shape[1:value.dim()])):
             raise PemaError(
                 f"{name}.step() with state {key!r} of shape {tuple(value.shape)} for compact rows of shape "
                 f"{tuple(param.shape)}: the optimizer state was loaded from a checkpoint of an uncompacted model; "
