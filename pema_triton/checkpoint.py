@@ -46,7 +46,10 @@ class FullVocabularyCheckpoint:
 
     def register(self) -> None:
         handle = self.handle
-        hooks = [handle.model.register_load_state_dict_pre_hook(self._check_every_shape)]
+        hooks = [handle.model.register_load_state_dict_pre_hook(self._check_every_shape),
+                 # Each state_dict() call of the model builds its full tensors afresh: a `destination` dict reused
+                 # across calls used to get the first call's rows back (a checkpoint of stale weights).
+                 handle.model.register_state_dict_pre_hook(functools.partial(_forget_full_tensors, handle))]
         for module in handle.embeddings + handle.heads:
             slots = self._slots(module)
             hooks.append(module.register_state_dict_post_hook(functools.partial(self._save, slots=slots)))
@@ -130,6 +133,10 @@ class _SavesCompaction:
         if kwargs.get("is_main_process", True):
             self.compaction.save(save_directory)
         return result
+
+
+def _forget_full_tensors(handle, module, prefix, keep_vars) -> None:
+    handle.forget_full_tensors()
 
 
 def register_sliced_buffer(handle, module, name: str, original: torch.Tensor) -> None:

@@ -238,6 +238,10 @@ class PemaHandle:
             built[slot] = full
         return built[slot]
 
+    def forget_full_tensors(self) -> None:
+        """Drops the full tensors of the last state dict (a new state_dict() call starts: it builds its own)."""
+        self._full_cache = (None, {})
+
     def _trained(self, slot: str) -> nn.Parameter:
         if slot == INPUT:
             return self.embeddings[0].weight

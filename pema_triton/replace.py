@@ -31,7 +31,7 @@ from .id_check import check_ids_option
 from .modes import OutputMode, output_mode
 from .ops.remap import Compaction
 from .vocab import warn_missing_special_ids
-from .wrappers import check_embedding_wrappers, inner_model, is_peft_model, route_peft_saves, trained_module
+from .wrappers import check_embedding_wrappers, inner_model, peft_model_in, route_peft_saves, trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
 
@@ -102,9 +102,9 @@ def replace_embeddings(
 
 
 def _peft_and_inner_model(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
-    """The PeftModel given (or None), and the model whose embeddings are compacted (:mod:`pema_triton.wrappers`)."""
-    peft_model = model if is_peft_model(model) else None
-    return peft_model, inner_model(model)
+    """The PeftModel given or held (a SentenceTransformer around one), or None, and the model whose embeddings are
+    compacted (:mod:`pema_triton.wrappers`)."""
+    return peft_model_in(model), inner_model(model)
 
 
 def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None, **embedding_options) -> None:

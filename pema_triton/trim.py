@@ -26,6 +26,7 @@ from .errors import PemaError, SaveDirectoryError, UnsupportedModuleError, UsedI
 from .handle import get_handle
 from .ops.remap import validate_used_ids
 from .tokenizer_trim import kept_token_ids, write_trimmed_tokenizer
+from .wrappers import inner_model, is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,8 @@ def save_trimmed(
         >>> kept = save_trimmed(model, tokenizer, "deploy/")                      # doctest: +SKIP
         >>> AutoModelForSequenceClassification.from_pretrained("deploy/")       # doctest: +SKIP
     """
-    target = Path(save_directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise SaveDirectoryError(f"{str(target)!r} exists and is not empty; pass overwrite=True to replace it")
+    _refuse_wrappers(model)
+    target = _save_target(save_directory, overwrite)
     vocab_size, used = _used_ids(model, used_ids)
     config_ids = _config_special_ids(model, vocab_size)
     kept = kept_token_ids(tokenizer, used.tolist(), extra=config_ids)
@@ -92,6 +92,33 @@ def save_trimmed(
         raise
     logger.info("saved %s trimmed to %d of %d token ids in %s", type(model).__name__, len(kept), vocab_size, target)
     return kept
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """save_trimmed writes one transformers model: a PEFT model's adapters or a SentenceTransformer's other modules
+    (pooling, normalisation) would be lost or half written."""
+    if is_peft_model(model):
+        raise UnsupportedModuleError(
+            "save_trimmed writes a plain transformers model; merge the adapters first and trim the merged model: "
+            "save_trimmed(peft_model.merge_and_unload(), tokenizer, directory)")
+    if inner_model(model) is not model:
+        raise UnsupportedModuleError(
+            f"save_trimmed writes a plain transformers model, not a {type(model).__name__} folder; trim its "
+            "transformer (for a SentenceTransformer: save_trimmed(model[0].auto_model, model.tokenizer, directory)) "
+            "and keep the other modules' files beside it")
+
+
+def _save_target(save_directory, overwrite: bool) -> Path:
+    """The absolute directory to write: empty or new unless `overwrite`, and never the working directory or one of
+    its parents, which replacing (or renaming a staging folder into) would take the user's files with it."""
+    target = Path(save_directory).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise SaveDirectoryError(f"save_directory {str(save_directory)!r} is the working directory or one of its "
+                                 f"parents ({target}); name a new folder, e.g. {str(target / 'trimmed')!r}")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise SaveDirectoryError(f"{str(save_directory)!r} exists and is not empty; pass overwrite=True to replace it")
+    return target
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

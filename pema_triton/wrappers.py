@@ -17,7 +17,7 @@ from torch import nn
 from .errors import PemaWarning, UnsupportedModuleError
 
 __all__ = [
-    "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "route_peft_saves",
+    "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "peft_model_in", "route_peft_saves",
     "trained_module",
 ]
 
@@ -25,6 +25,15 @@ __all__ = [
 def is_peft_model(model: nn.Module) -> bool:
     """A `peft.PeftModel` (or subclass): it has a PEFT config and a base model."""
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def peft_model_in(model: nn.Module) -> nn.Module | None:
+    """The PeftModel `model` is, or that a SentenceTransformer holds as its transformer (its rows were left frozen,
+    without a warning, when only a PeftModel given directly was looked for); else None."""
+    if is_peft_model(model):
+        return model
+    inner = _sentence_transformer_model(model)
+    return peft_model_in(inner) if inner is not None else None
 
 
 def _sentence_transformer_model(model: nn.Module) -> nn.Module | None:
@@ -37,7 +46,10 @@ def _sentence_transformer_model(model: nn.Module) -> nn.Module | None:
 
 def inner_model(model: nn.Module) -> nn.Module:
     """The model whose embeddings `replace_embeddings` compacts: a PeftModel's base model (the transformers model
-    with LoRA layers in it), a SentenceTransformer's transformer (also when it is itself a PeftModel), or `model`."""
+    with LoRA layers in it), a SentenceTransformer's transformer (also when it is itself a PeftModel), the module a
+    DistributedDataParallel (or FSDP1) wrapper holds, or `model`."""
+    if type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel") and hasattr(model, "module"):
+        return inner_model(model.module)
     if is_peft_model(model):
         return inner_model(model.get_base_model())
     inner = _sentence_transformer_model(model)

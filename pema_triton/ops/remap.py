@@ -20,7 +20,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import IdOutOfRangeError, PemaDTypeError, PemaError, UnusedIdError, UsedIdsError, format_ids
+from ..errors import (
+    IdOutOfRangeError,
+    PemaDTypeError,
+    PemaError,
+    UnusedIdError,
+    UsedIdsError,
+    VocabularySizeError,
+    format_ids,
+)
 
 COMPACTION_FILE = "pema_compaction.json"
 
@@ -175,8 +183,19 @@ class Compaction:
         path = Path(directory) / COMPACTION_FILE
         if not path.is_file():
             raise UsedIdsError(f"{directory} has no {COMPACTION_FILE}: it was not written by a compacted model")
-        saved = json.loads(path.read_text())
-        return cls.of(saved["used_ids"], int(saved["vocab_size"]))
+        try:
+            saved = json.loads(path.read_text())
+            used_ids, vocab_size = saved["used_ids"], saved["vocab_size"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise UsedIdsError(f"{path} is not a {COMPACTION_FILE} as a compacted model writes it "
+                               f"({type(err).__name__}: {err}); it holds {{\"vocab_size\": V, \"used_ids\": [...]}}"
+                               ) from None
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise VocabularySizeError(f"{path}: vocab_size must be a positive int, got {vocab_size!r}")
+        try:
+            return cls.of(used_ids, vocab_size)
+        except UsedIdsError as err:
+            raise UsedIdsError(f"{path}: {err}") from None
 
     def remap(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The [V] int32 remap table on `device`."""
