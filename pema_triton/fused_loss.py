@@ -44,13 +44,15 @@ class FusedLossCall:
     head's forward takes them (`take_targets`) and leaves the loss (`loss`); the model's forward hook takes that
     (`take_loss`). Each take empties its field, so nothing outlives the call that set it.
 
-    backend: replace_embeddings' `backend=`. probing: run the fused path in eval mode (the replace-time probe).
+    backend, check_labels: replace_embeddings' `backend=` and `check_ids=` (labels outside [0, V) are checked as
+    the embedding checks its ids). probing: run the fused path in eval mode (the replace-time probe).
     loss_function: the model's `loss_function` at replace time (a later one is refused, not bypassed).
     targets: [*] shifted labels in original ids (or `ignore_index`). num_items_in_batch: the Trainer's
     denominator, or None. ignore_index: the target that counts for nothing (`model(..., ignore_index=)`).
     """
 
     backend: str = "auto"
+    check_labels: bool | str = True
     probing: bool = False
     loss_function: object = None
     targets: torch.Tensor | None = None
@@ -101,7 +103,7 @@ class FusedLoss:
         super().teardown_head(head)
         for name in ("loss_remap", "bad_label_count"):
             head._buffers.pop(name, None)
-        for name in ("fused_call", "bad_label_watch", "check_labels"):
+        for name in ("fused_call", "bad_label_watch"):
             head.__dict__.pop(name, None)
 
     def head_forward(self, head, hidden):
@@ -119,9 +121,9 @@ class FusedLoss:
         super().patch_model(handle)
         _check_supported(handle)
         model, head = handle.model, handle.heads[0]
-        head.fused_call.backend = handle.embeddings[0].backend  # the backend= of replace_embeddings
-        head.fused_call.loss_function = getattr(model, "loss_function", None)
-        head.check_labels = handle.embeddings[0].check_ids  # the check_ids= of replace_embeddings
+        call = head.fused_call
+        call.backend, call.check_labels = handle.embeddings[0].backend, handle.embeddings[0].check_ids
+        call.loss_function = getattr(model, "loss_function", None)
         pre = model.register_forward_pre_hook(functools.partial(_take_labels, head), with_kwargs=True)
         post = model.register_forward_hook(functools.partial(_give_loss, head))
         handle.on_undo(pre.remove)
@@ -169,7 +171,7 @@ def _take_labels(head, model, args, kwargs):
 
 
 def _refuse_another_loss_function(call, model) -> None:
-    if getattr(model, "loss_function", None) is not call.loss_function:
+    if getattr(model, "loss_function", None) != call.loss_function:  # != : a bound method is made anew each time
         raise UnsupportedModuleError(
             f"{type(model).__name__}'s loss_function (or loss_type) changed after replace_embeddings(fused_loss=True): "
             "the fused loss computes the causal-LM cross-entropy the probe checked, not another objective; "
@@ -195,17 +197,18 @@ def _checked_targets(head, targets: torch.Tensor, ignore_index: int) -> torch.Te
     `handle.check_ids()`, as for the embedding's bad ids; no step trains on them in between."""
     width = head.loss_remap.numel()
     bad = ((targets < 0) | (targets >= width)) & (targets != ignore_index)
-    if head.check_labels is not False:
+    if head.fused_call.check_labels is not False:
         shown = torch.where(targets == ignore_index, 0, targets)  # what the error names: the bad ones only
         head.bad_label_watch.observe(shown, bad.sum(dtype=torch.int32).reshape(1), head.bad_label_count,
-                                     _every_label_valid(head), head.check_labels)
+                                     _every_label_valid(head), head.fused_call.check_labels)
     return torch.where(bad, ignore_index, targets)
 
 
 def check_bad_labels(head) -> None:
     """Waits for the fused forwards still being counted; raises `IdOutOfRangeError` if any was given labels outside
     [0, V) (a no-op for a head without the fused loss, or with `check_ids=False`)."""
-    if getattr(head, "check_labels", False) is not False:
+    call = getattr(head, "fused_call", None)
+    if call is not None and call.check_labels is not False:
         head.bad_label_watch.check(head.bad_label_count, _every_label_valid(head))
 
 
