@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PemaError, UnsupportedModuleError
-from .id_check import BadIdWatch
+from .id_check import LabelCheck
 from .model_patches import arguments_by_name
 from .ops.linear_cross_entropy import compact_linear_cross_entropy
 
-__all__ = ["FusedLoss", "FusedLossCall", "check_bad_labels"]
+__all__ = ["FusedLoss", "FusedLossCall"]
 
 # Config attributes of logit transforms the fused loss does not apply; any set (not None) is refused.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -44,15 +44,13 @@ class FusedLossCall:
     head's forward takes them (`take_targets`) and leaves the loss (`loss`); the model's forward hook takes that
     (`take_loss`). Each take empties its field, so nothing outlives the call that set it.
 
-    backend, check_labels: replace_embeddings' `backend=` and `check_ids=` (labels outside [0, V) are checked as
-    the embedding checks its ids). probing: run the fused path in eval mode (the replace-time probe).
+    backend: replace_embeddings' `backend=`. probing: run the fused path in eval mode (the replace-time probe).
     loss_function: the model's `loss_function` at replace time (a later one is refused, not bypassed).
     targets: [*] shifted labels in original ids (or `ignore_index`). num_items_in_batch: the Trainer's
     denominator, or None. ignore_index: the target that counts for nothing (`model(..., ignore_index=)`).
     """
 
     backend: str = "auto"
-    check_labels: bool | str = True
     probing: bool = False
     loss_function: object = None
     targets: torch.Tensor | None = None
@@ -94,17 +92,18 @@ class FusedLoss:
     def setup_head(self, head, full_weight, full_bias):
         super().setup_head(head, full_weight, full_bias)
         head.register_buffer("loss_remap", self.loss_remap(head), persistent=False)
-        # Targets outside the vocabulary, counted as the embedding counts its bad ids (pema_triton.id_check).
-        head.register_buffer("bad_label_count", torch.zeros(1, dtype=torch.int32, device=full_weight.device),
-                             persistent=False)
-        head.fused_call, head.bad_label_watch = FusedLossCall(), BadIdWatch(what="labels")
+        head.fused_call = FusedLossCall()
+        LabelCheck.attach(head, True)  # targets outside the vocabulary (check_ids= set by patch_model)
 
     def teardown_head(self, head):
         super().teardown_head(head)
-        for name in ("loss_remap", "bad_label_count"):
-            head._buffers.pop(name, None)
-        for name in ("fused_call", "bad_label_watch"):
-            head.__dict__.pop(name, None)
+        head._buffers.pop("loss_remap", None)
+        head.__dict__.pop("fused_call", None)
+        LabelCheck.detach(head)
+
+    def label_check_remap(self, head):
+        remap = super().label_check_remap(head)
+        return remap if remap is not None else _every_label_valid(head)
 
     def head_forward(self, head, hidden):
         targets, num_items, ignore_index = head.fused_call.take_targets()
@@ -121,9 +120,9 @@ class FusedLoss:
         super().patch_model(handle)
         _check_supported(handle)
         model, head = handle.model, handle.heads[0]
-        call = head.fused_call
-        call.backend, call.check_labels = handle.embeddings[0].backend, handle.embeddings[0].check_ids
-        call.loss_function = getattr(model, "loss_function", None)
+        head.fused_call.backend = handle.embeddings[0].backend  # the backend= of replace_embeddings
+        head.fused_call.loss_function = getattr(model, "loss_function", None)
+        head.label_check.mode = LabelCheck.mode_for(handle.embeddings[0].check_ids)
         pre = model.register_forward_pre_hook(functools.partial(_take_labels, head), with_kwargs=True)
         post = model.register_forward_hook(functools.partial(_give_loss, head))
         handle.on_undo(pre.remove)
@@ -197,19 +196,9 @@ def _checked_targets(head, targets: torch.Tensor, ignore_index: int) -> torch.Te
     `handle.check_ids()`, as for the embedding's bad ids; no step trains on them in between."""
     width = head.loss_remap.numel()
     bad = ((targets < 0) | (targets >= width)) & (targets != ignore_index)
-    if head.fused_call.check_labels is not False:
-        shown = torch.where(targets == ignore_index, 0, targets)  # what the error names: the bad ones only
-        head.bad_label_watch.observe(shown, bad.sum(dtype=torch.int32).reshape(1), head.bad_label_count,
-                                     _every_label_valid(head), head.fused_call.check_labels)
+    shown = torch.where(targets == ignore_index, 0, targets)  # what the error names: the bad ones only
+    head.label_check.count(head, shown, bad, _every_label_valid(head))
     return torch.where(bad, ignore_index, targets)
-
-
-def check_bad_labels(head) -> None:
-    """Waits for the fused forwards still being counted; raises `IdOutOfRangeError` if any was given labels outside
-    [0, V) (a no-op for a head without the fused loss, or with `check_ids=False`)."""
-    call = getattr(head, "fused_call", None)
-    if call is not None and call.check_labels is not False:
-        head.bad_label_watch.check(head.bad_label_count, _every_label_valid(head))
 
 
 def _every_label_valid(head) -> torch.Tensor:

@@ -18,7 +18,6 @@ from torch import nn
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
 from .distributed import refuse_sharded_restore, whole
 from .errors import NotCompactedError
-from .fused_loss import check_bad_labels
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
 from .ops.remap import Compaction, labels_to_columns, raise_for_out_of_range
@@ -202,8 +201,9 @@ class PemaHandle:
         anyway (`PemaCallback` does at each log, save and the end of training). See :mod:`pema_triton.id_check`."""
         for embedding in self.embeddings:
             embedding.check_bad_ids()
-        for head in self.heads:  # a fused loss's labels outside the vocabulary
-            check_bad_labels(head)
+        for head in self.heads:  # labels a restricted head or a fused loss had no column for
+            if "label_check" in head.__dict__:
+                head.label_check.check(head, head.output_mode.label_check_remap(head))
 
     def columns_to_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Compact columns of `restricted` logits (e.g. their argmax) -> original token ids.

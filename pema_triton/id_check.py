@@ -26,7 +26,7 @@ import torch
 from .errors import PemaError, UnusedIdError
 from .ops.remap import raise_for_bad_ids
 
-__all__ = ["CHECK_IDS", "BadIdWatch", "check_ids_option"]
+__all__ = ["CHECK_IDS", "BadIdWatch", "LabelCheck", "check_ids_option"]
 
 CHECK_IDS = (True, False, "sync", "async")
 # Forwards whose count may be in flight at once. Past this the oldest is waited for: the GPU is then more than
@@ -102,6 +102,44 @@ class BadIdWatch:
     def __setstate__(self, state):
         self.what = state.get("what", "token ids")
         self._pending = deque()
+
+
+class LabelCheck:
+    """Labels a compacted head's loss has no column for (outside [0, V); in `restricted` mode also an unused id),
+    counted on the device into the head's `bad_label_count` buffer and reported as bad embedding ids are: at that
+    forward on CPU, a forward or two later on CUDA (no host sync), at `handle.check_ids()` when compiled. The
+    forward that saw them ignores them, so no step trains on them. Kept on the head as `head.label_check`."""
+
+    def __init__(self, mode: bool | str):
+        self.mode, self.watch = mode, BadIdWatch(what="labels")
+
+    @staticmethod
+    def mode_for(check_ids: bool | str) -> bool | str:
+        """`check_ids=` of replace_embeddings decides how (sync or not), never whether: the model's own loss fails
+        on such a label too."""
+        return True if check_ids is False else check_ids
+
+    @staticmethod
+    def attach(head, mode: bool | str) -> None:
+        if "label_check" not in head.__dict__:
+            device = head.weight.device
+            head.register_buffer("bad_label_count", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+        head.label_check = LabelCheck(mode)
+
+    @staticmethod
+    def detach(head) -> None:
+        head._buffers.pop("bad_label_count", None)
+        head.__dict__.pop("label_check", None)
+
+    def count(self, head, shown: torch.Tensor, bad: torch.Tensor, remap: torch.Tensor) -> None:
+        """Counts the `bad` [*] mask of labels `shown` [*] (ignored ones replaced by a valid id, so the error names
+        only the bad); `remap` [V] decides what the error calls them (outside [0, V), or unused)."""
+        if self.mode is not False:
+            self.watch.observe(shown, bad.sum(dtype=torch.int32).reshape(1), head.bad_label_count, remap, self.mode)
+
+    def check(self, head, remap: torch.Tensor) -> None:
+        if self.mode is not False:
+            self.watch.check(head.bad_label_count, remap)
 
 
 def _snapshot(ids: torch.Tensor, num_bad: torch.Tensor):

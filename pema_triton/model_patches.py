@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import register_sliced_buffer
 from .errors import PemaWarning
-from .ops.remap import labels_to_columns
+from .ops.remap import compact_rows
 
 __all__ = [
     "arguments_by_name", "embedding_unused_ids", "full_vocabulary", "remap_labels", "set_vocab_size",
@@ -126,13 +126,25 @@ def remap_labels(handle, model, args, kwargs):
     ) is None and hasattr(model, "prepare_decoder_input_ids_from_labels"):
         # Decoder inputs come from the labels in *original* ids, before the labels become compact columns.
         kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
-    # The table is read at each call: `model.to("cuda")` after replace puts a new tensor in the buffer.
-    remap = handle.embeddings[0].remap.to(labels.device)
     ignore_index = kwargs.get("ignore_index", -100)  # the model's loss takes it, and passes it through
     for name in ("labels", "shift_labels"):  # shift_labels: already shifted, in original ids as labels are
         if kwargs.get(name) is not None:
-            kwargs[name] = labels_to_columns(kwargs[name], remap, ignore_index)
+            kwargs[name] = _checked_columns(handle.heads[0], kwargs[name], ignore_index)
     return args, kwargs
+
+
+def _checked_columns(head, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Original-id labels -> compact columns, without a host sync: a label with no column (unused, or outside
+    [0, V)) is counted by the head's label check (an error now on CPU, later on CUDA or when compiled) and ignored
+    meanwhile, where the model's cross-entropy would have failed on it."""
+    # Buffers are read at each call: `model.to("cuda")` after replace puts new tensors in them.
+    remap = head.label_remap
+    ignored = labels == ignore_index
+    columns = compact_rows(torch.where(ignored, 0, labels), remap.to(labels.device)).view(labels.shape)
+    bad = (columns < 0) & ~ignored
+    shown = torch.where(ignored, head.used_ids[0].to(labels.device), labels)  # the error names only the bad
+    head.label_check.count(head, shown, bad, remap)
+    return torch.where(ignored | bad, ignore_index, columns.to(labels.dtype))
 
 
 def arguments_by_name(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

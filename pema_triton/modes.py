@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .errors import PemaError
 from .fused_loss import FusedLoss
 from .guards import check_full_vocabulary_logits
+from .id_check import LabelCheck
 from .model_patches import (
     embedding_unused_ids,
     full_vocabulary,
@@ -77,6 +78,11 @@ class OutputMode:
 
     def frozen_rows(self, head) -> torch.Tensor | None:
         """A [V, D] matrix on the head's device holding every frozen row, or None."""
+        return None
+
+    def label_check_remap(self, head) -> torch.Tensor | None:
+        """The [V] table that names a bad label in an error (:class:`~pema_triton.id_check.LabelCheck`), or None
+        where the mode checks no labels."""
         return None
 
     @property
@@ -151,8 +157,22 @@ class RestrictedHead(OutputMode):
     name = "restricted"
     logits_over_used_ids = True
 
+    head_buffers = ("label_remap",)
+
     def out_features(self, vocab_size, num_used):
         return num_used
+
+    def setup_head(self, head, full_weight, full_bias):
+        # Labels become columns in the model's pre-hook (model_patches.remap_labels), checked without a host sync.
+        head.register_buffer("label_remap", build_remap(head.used_ids, full_weight.shape[0]), persistent=False)
+        LabelCheck.attach(head, True)
+
+    def teardown_head(self, head):
+        super().teardown_head(head)
+        LabelCheck.detach(head)
+
+    def label_check_remap(self, head):
+        return head.label_remap
 
     def head_forward(self, head, hidden):
         logits = F.linear(hidden, head.weight, head.bias)
@@ -168,6 +188,7 @@ class RestrictedHead(OutputMode):
     def patch_model(self, handle):
         """Logit biases sliced to U, `config.vocab_size` U, labels remapped to compact columns, and V columns
         (with `config.vocab_size` V) during `generate()` and `save_pretrained()`."""
+        handle.heads[0].label_check.mode = LabelCheck.mode_for(handle.embeddings[0].check_ids)
         slice_logit_biases(handle)
         configs = vocab_configs(handle)
         set_vocab_size(handle, configs, handle.compaction.num_used)
