@@ -58,8 +58,10 @@ _MARKS = "_pema_marks"  # attribute on a managed module: {Parameter name: finger
 
 def register_managed(module) -> None:
     setattr(module, _MANAGED, True)
-    setattr(module, _MARKS, {name: getattr(p, _COMPACTION) for name, p in module._parameters.items()
-                             if hasattr(p, _COMPACTION)})
+    # A deep copy of the model may register a module before its own state is copied in (the handle is reached
+    # first): it has no Parameters yet, and its copied ones carry their fingerprints with them.
+    params = module.__dict__.get("_parameters") or {}
+    setattr(module, _MARKS, {name: getattr(p, _COMPACTION) for name, p in params.items() if hasattr(p, _COMPACTION)})
     _LIVE[id(module)] = module
 
 
@@ -82,6 +84,10 @@ def release_managed(module) -> None:
 
 def check_managed(module) -> None:
     """Raises if `module` is a copy of a module replace_embeddings converted, rather than that module."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the weak-dictionary lookup (4 graph breaks a forward); a copy compiled in its place
+        # still meets the model's wrapper check (wrappers.check_embedding_wrappers) and this one when run eagerly.
+        return
     if module.__dict__.get(_MANAGED) and _LIVE.get(id(module)) is not module:
         raise PemaError(
             f"this {type(module).__name__} is a copy of a module that replace_embeddings compacted (PEFT's "

@@ -90,7 +90,9 @@ def compact_linear_cross_entropy(
         if remap.numel() != weight.shape[0]:
             raise PemaError(f"frozen_weight=None needs a remap of the U = {weight.shape[0]} rows (every row "
                             f"trainable), got one of {remap.numel()} ids")
-        frozen_weight = weight  # read nowhere: with remap = arange(U) no row is frozen (no check: it would sync)
+        # Read nowhere: with remap = arange(U) no row is frozen (no check: it would sync). A detached view, as
+        # torch.compile cannot trace one tensor passed as two inputs of an autograd Function.
+        frozen_weight = weight.detach()
     params = _LossParams(ignore_index, _autocast_dtype(hidden.device), implementation(backend, hidden.device))
     flat_targets = targets.reshape(-1)
     if num_items_in_batch is None:

@@ -139,9 +139,9 @@ def _head_rows(weight, frozen_weight, remap, start, stop, dtype):
     from the compact `weight` through `remap`, the others from `frozen_weight`. One vocabulary chunk at a time,
     never the [V, D] matrix. Products of the rounded values summed in fp32 are what the kernels compute."""
     rows = remap[start:stop].long()
-    chunk = frozen_weight[start:stop].to(dtype, copy=True)
     trainable = rows >= 0
-    chunk[trainable] = weight[rows[trainable]].to(dtype)
+    # torch.where, not a masked assignment: shapes that do not depend on the ids, so torch.compile traces it.
+    chunk = torch.where(trainable[:, None], weight[rows.clamp(min=0)], frozen_weight[start:stop]).to(dtype)
     return chunk.to(accumulation_dtype(dtype)), rows, trainable
 
 
@@ -218,11 +218,15 @@ def linear_cross_entropy_backward(
         for v0 in range(0, vocab_size, _VOCAB_CHUNK):
             w, rows, trainable = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
             grad_logits = (h @ w.t()).sub_(lse[chunk, None]).exp_()  # the softmax, in place
-            inside = ((t >= v0) & (t < v0 + w.shape[0])).nonzero().flatten()
-            grad_logits[inside, t[inside] - v0] -= 1.0  # minus the one-hot target
+            inside = (t >= v0) & (t < v0 + w.shape[0])
+            # Minus the one-hot target (x + -0.0 is x elsewhere), with shapes that do not depend on the ids.
+            grad_logits.scatter_add_(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None], -inside.to(acc)[:, None])
             grad_logits.mul_(g[:, None])
             # Rounded to the compute dtype for the two GEMMs, as autograd's gradient of a half-precision head is.
             grad_logits = grad_logits.to(dtype).to(acc)
             grad_hidden[chunk].addmm_(grad_logits, w)
-            grad_weight.index_add_(0, rows[trainable], grad_logits[:, trainable].t() @ h)
+            if torch.compiler.is_compiling():  # every column, the frozen ones zeroed into row 0: static shapes
+                grad_weight.index_add_(0, rows.clamp(min=0), (grad_logits * trainable).t() @ h)
+            else:  # only the trainable columns: (V - U) / V less of this GEMM
+                grad_weight.index_add_(0, rows[trainable], grad_logits[:, trainable].t() @ h)
     return grad_hidden, grad_weight
