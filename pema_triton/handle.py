@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
 from .distributed import refuse_sharded_restore, whole
-from .errors import NotCompactedError
+from .errors import NotCompactedError, PemaError
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
 from .ops.remap import Compaction, labels_to_columns, raise_for_out_of_range
@@ -261,9 +261,23 @@ class PemaHandle:
         if get_handle(self.model) is not self:
             raise NotCompactedError(f"{type(self.model).__name__} is not compacted by this handle: nothing to restore")
         refuse_sharded_restore(self)
+        self._refuse_meta_rows()
         self.undo(merge=True)
         delattr(self.model, _HANDLE_ATTR)
         return self.model
+
+    def _refuse_meta_rows(self) -> None:
+        """Before any undo step: compact rows on the meta device (`model.to("meta")`) hold no values to merge, and
+        a restore stopped part-way would leave the model neither compacted nor whole."""
+        head = self.heads[0] if self.heads else None
+        pairs = [(self.kept_input, self.embeddings[0].weight if self.embeddings else None),
+                 (self.kept_input if self.tied else self.kept_head_weight, getattr(head, "weight", None)),
+                 (self.kept_head_bias, getattr(head, "bias", None))]
+        # A model planned on the meta device (its full matrices too) has nothing to lose: it restores.
+        if any(p is not None and p.is_meta and kept is not None and not kept.param.is_meta for kept, p in pairs):
+            raise PemaError(f"{type(self.model).__name__}'s compact rows are on the meta device: their trained values "
+                            f"are gone, so there is nothing to merge back; the model stays compacted. Move a copy "
+                            f"with real weights (or the model before .to('meta')) and restore that")
 
     def undo(self, merge: bool) -> None:
         """Reverts every recorded change, newest first; with `merge`, the trained rows land in the full matrices."""

@@ -122,3 +122,27 @@ def test_a_sentence_transformer_around_a_peft_model_trains_its_compact_rows():
     assert not model[0].auto_model.get_input_embeddings().weight.requires_grad  # PEFT froze it
     replace_embeddings(model, torch.arange(0, 2000))
     assert get_handle(model).embeddings[0].weight.requires_grad
+
+
+def test_restoring_a_model_moved_to_meta_is_refused_before_any_change():
+    """`model.to("meta")` then restore crashed part-way: the trained rows hold no values there to merge."""
+    from pema_triton import PemaError, get_handle, replace_embeddings, restore_embeddings
+
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    handle = replace_embeddings(model, used)
+    model.to("meta")
+    with pytest.raises(PemaError, match="compact rows are on the meta device"):
+        restore_embeddings(model)
+    assert get_handle(model) is handle and len(handle.embeddings) == 1  # still compacted, every step undone later
+    assert model.get_input_embeddings().weight.shape == (len(used), 32)
+
+
+def test_a_model_planned_on_meta_still_restores():
+    from pema_triton import get_handle, replace_embeddings, restore_embeddings
+
+    model = tiny_models.build("llama-untied").to("meta")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used)
+    restore_embeddings(model)
+    assert get_handle(model) is None and model.get_input_embeddings().weight.shape == (tiny_models.V, 32)
