@@ -168,13 +168,8 @@ class PemaHandle:
         """Makes the frozen compact Parameters trainable (under PEFT, which froze them with every base weight); with
         `where_the_original_trained`, only those whose full original trained at replace time (PEFT froze them
         after). Returns how many it made trainable."""
-        compact_and_original = [(self.embeddings[0].weight, self.kept_input)]
-        if self.heads:
-            head = self.heads[0]
-            compact_and_original.append((head.weight, self.kept_input if self.tied else self.kept_head_weight))
-            compact_and_original.append((head.bias, self.kept_head_bias))
         made_trainable = []
-        for param, kept in compact_and_original:
+        for kept, param in self._kept_and_compact():
             if param is None or param.requires_grad:
                 continue  # no such Parameter, or trainable already (a tied head's weight is the embedding's)
             if where_the_original_trained and (kept is None or not kept.param.requires_grad):
@@ -203,7 +198,7 @@ class PemaHandle:
             embedding.check_bad_ids()
         for head in self.heads:  # labels a restricted head or a fused loss had no column for
             if "label_check" in head.__dict__:
-                head.label_check.check(head, head.output_mode.label_check_remap(head))
+                head.label_check.check(head, head.output_mode.label_check_remap(self, head))
 
     def columns_to_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Compact columns of `restricted` logits (e.g. their argmax) -> original token ids.
@@ -269,15 +264,20 @@ class PemaHandle:
     def _refuse_meta_rows(self) -> None:
         """Before any undo step: compact rows on the meta device (`model.to("meta")`) hold no values to merge, and
         a restore stopped part-way would leave the model neither compacted nor whole."""
-        head = self.heads[0] if self.heads else None
-        pairs = [(self.kept_input, self.embeddings[0].weight if self.embeddings else None),
-                 (self.kept_input if self.tied else self.kept_head_weight, getattr(head, "weight", None)),
-                 (self.kept_head_bias, getattr(head, "bias", None))]
         # A model planned on the meta device (its full matrices too) has nothing to lose: it restores.
-        if any(p is not None and p.is_meta and kept is not None and not kept.param.is_meta for kept, p in pairs):
+        if any(p is not None and p.is_meta and kept is not None and not kept.param.is_meta
+               for kept, p in self._kept_and_compact()):
             raise PemaError(f"{type(self.model).__name__}'s compact rows are on the meta device: their trained values "
                             f"are gone, so there is nothing to merge back; the model stays compacted. Move a copy "
                             f"with real weights (or the model before .to('meta')) and restore that")
+
+    def _kept_and_compact(self) -> list[tuple[KeptMatrix | None, nn.Parameter | None]]:
+        """(kept full matrix, compact Parameter) of the input embedding, the head's weight and its bias; either side
+        None where there is none (a tied head's weight is the embedding's: its kept side is None)."""
+        head = self.heads[0] if self.heads else None
+        return [(self.kept_input, self.embeddings[0].weight if self.embeddings else None),
+                (self.kept_head_weight, getattr(head, "weight", None)),
+                (self.kept_head_bias, getattr(head, "bias", None))]
 
     def undo(self, merge: bool) -> None:
         """Reverts every recorded change, newest first; with `merge`, the trained rows land in the full matrices."""
@@ -285,12 +285,7 @@ class PemaHandle:
             self._undo_steps.pop()()
         for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
             unmark_stale(kept.param if kept is not None else None)
-        first_head = self.heads[0] if self.heads else None
-        for kept, compact in (
-            (self.kept_input, self.embeddings[0].weight if self.embeddings else None),
-            (self.kept_head_weight, first_head.weight if first_head is not None else None),
-            (self.kept_head_bias, first_head.bias if first_head is not None else None),
-        ):
+        for kept, compact in self._kept_and_compact():
             if kept is not None:
                 kept.follow(compact)
         self._uncompact_heads(merge)
