@@ -101,8 +101,8 @@ class FusedLoss:
         head.__dict__.pop("fused_call", None)
         LabelCheck.detach(head)
 
-    def label_check_remap(self, head):
-        remap = super().label_check_remap(head)
+    def label_check_remap(self, handle, head):
+        remap = super().label_check_remap(handle, head)
         return remap if remap is not None else _every_label_valid(head)
 
     def head_forward(self, head, hidden):

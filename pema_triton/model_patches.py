@@ -129,16 +129,16 @@ def remap_labels(handle, model, args, kwargs):
     ignore_index = kwargs.get("ignore_index", -100)  # the model's loss takes it, and passes it through
     for name in ("labels", "shift_labels"):  # shift_labels: already shifted, in original ids as labels are
         if kwargs.get(name) is not None:
-            kwargs[name] = _checked_columns(handle.heads[0], kwargs[name], ignore_index)
+            kwargs[name] = _checked_columns(handle, kwargs[name], ignore_index)
     return args, kwargs
 
 
-def _checked_columns(head, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _checked_columns(handle, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Original-id labels -> compact columns, without a host sync: a label with no column (unused, or outside
     [0, V)) is counted by the head's label check (an error now on CPU, later on CUDA or when compiled) and ignored
     meanwhile, where the model's cross-entropy would have failed on it."""
     # Buffers are read at each call: `model.to("cuda")` after replace puts new tensors in them.
-    remap = head.label_remap
+    head, remap = handle.heads[0], handle.embeddings[0].remap
     ignored = labels == ignore_index
     columns = compact_rows(torch.where(ignored, 0, labels), remap.to(labels.device)).view(labels.shape)
     bad = (columns < 0) & ~ignored

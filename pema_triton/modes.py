@@ -80,7 +80,7 @@ class OutputMode:
         """A [V, D] matrix on the head's device holding every frozen row, or None."""
         return None
 
-    def label_check_remap(self, head) -> torch.Tensor | None:
+    def label_check_remap(self, handle, head) -> torch.Tensor | None:
         """The [V] table that names a bad label in an error (:class:`~pema_triton.id_check.LabelCheck`), or None
         where the mode checks no labels."""
         return None
@@ -157,22 +157,19 @@ class RestrictedHead(OutputMode):
     name = "restricted"
     logits_over_used_ids = True
 
-    head_buffers = ("label_remap",)
-
     def out_features(self, vocab_size, num_used):
         return num_used
 
     def setup_head(self, head, full_weight, full_bias):
         # Labels become columns in the model's pre-hook (model_patches.remap_labels), checked without a host sync.
-        head.register_buffer("label_remap", build_remap(head.used_ids, full_weight.shape[0]), persistent=False)
         LabelCheck.attach(head, True)
 
     def teardown_head(self, head):
         super().teardown_head(head)
         LabelCheck.detach(head)
 
-    def label_check_remap(self, head):
-        return head.label_remap
+    def label_check_remap(self, handle, head):
+        return handle.embeddings[0].remap  # the embedding's table: an unused label is named as unused
 
     def head_forward(self, head, hidden):
         logits = F.linear(hidden, head.weight, head.bias)
