@@ -1,6 +1,5 @@
 """replace_embeddings(..., fused_loss=True): the model's own causal-LM loss without logits, across families."""
 
-import copy
 
 import pytest
 import torch
@@ -18,12 +17,7 @@ FAMILIES = ["llama-untied", "qwen2", "mistral", "gemma-scaled-embedding", "gpt2"
 
 def _pair(name, output, backend="auto"):
     """The same tiny model compacted twice, unfused and fused, both in training mode."""
-    model = tiny_models.build(name)
-    used, ids = tiny_models.used_ids_and_batch(model)
-    unfused = copy.deepcopy(model)
-    replace_embeddings(unfused, used, output=output, backend=backend)
-    replace_embeddings(model, used, output=output, fused_loss=True, backend=backend)
-    return unfused.train(), model.train(), used, ids
+    return tiny_models.unfused_and_fused(tiny_models.build(name), output, backend=backend)
 
 
 def _loss_and_grads(model, ids, labels, **kwargs):

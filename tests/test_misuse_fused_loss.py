@@ -2,13 +2,13 @@
 the unfused model computes, or in the typed error where the unfused model raises too (tests/test_misuse.py has the
 rest of the catalogue)."""
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import tiny_models
+from helpers.state import assert_state, snapshot
 from pema_triton import IdOutOfRangeError, PemaError, UnsupportedModuleError, get_handle, replace_embeddings
 
 transformers = pytest.importorskip("transformers")
@@ -18,11 +18,7 @@ transformers.logging.set_verbosity_error()
 def _pair(output="frozen", model=None, **options):
     """A tiny untied Llama compacted twice, unfused and fused, both in training mode (no dropout: equal losses)."""
     model = tiny_models.build("llama-untied") if model is None else model
-    used, ids = tiny_models.used_ids_and_batch(model)
-    unfused = copy.deepcopy(model)
-    replace_embeddings(unfused, used, output=output)
-    replace_embeddings(model, used, output=output, fused_loss=True, **options)
-    return unfused.train(), model.train(), used, ids
+    return tiny_models.unfused_and_fused(model, output, **options)
 
 
 @pytest.mark.parametrize("bad", [-1, tiny_models.V])
@@ -119,11 +115,11 @@ def test_a_loss_function_set_before_replace_is_refused_by_the_probe():
     model = tiny_models.build("llama-untied")
     model.loss_function = _own_objective
     used, _ = tiny_models.used_ids_and_batch(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(UnsupportedModuleError, match="on a probe"):
         replace_embeddings(model, used, fused_loss=True)
     assert get_handle(model) is None
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_state(model, before)
 
 
 def test_labels_of_another_shape_than_the_inputs_are_a_clear_error():

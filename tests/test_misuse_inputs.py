@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import tiny_models
+from helpers.state import assert_state, snapshot
 from pema_triton import (
     PemaError,
     UsedIdsError,
@@ -55,8 +56,8 @@ def test_a_dataloader_of_ids_and_class_labels_is_refused_not_scanned_as_ids():
 
 def test_replacing_with_no_used_ids_names_emptiness_and_leaves_the_model():
     model = tiny_models.build("llama-untied")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(UsedIdsError, match="used_ids is empty"):
         replace_embeddings(model, [])
     assert get_handle(model) is None
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_state(model, before)

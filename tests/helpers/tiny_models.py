@@ -68,6 +68,20 @@ def used_ids_and_batch(model, num_used: int = 40, shape=(2, 9), seed: int = 1):
     return used, ids
 
 
+def unfused_and_fused(model, output: str, **options):
+    """`model` compacted twice, without and with the fused loss (the same `options` for both), both in training
+    mode; returns (unfused, fused, used ids, a batch of ids)."""
+    import copy
+
+    from pema_triton import replace_embeddings
+
+    used, ids = used_ids_and_batch(model)
+    unfused = copy.deepcopy(model)
+    replace_embeddings(unfused, used, output=output, **options)
+    replace_embeddings(model, used, output=output, fused_loss=True, **options)
+    return unfused.train(), model.train(), used, ids
+
+
 def call(model, ids, **kwargs):
     """Logits (or the classifier's logits) for a batch, feeding encoder-decoders the same ids to the decoder."""
     if model.config.is_encoder_decoder:
