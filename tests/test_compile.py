@@ -23,10 +23,10 @@ CASES = [("llama-untied", "frozen", False), ("llama-untied", "restricted", False
          ("gemma-scaled-embedding", "frozen", True)]
 
 
-def _compacted(name, output, fused_loss):
+def _compacted(name, output, fused_loss, check_ids=True):
     model = tiny_models.build(name).train().to(DEVICE)
     used, ids = tiny_models.used_ids_and_batch(model)
-    replace_embeddings(model, used, output=output, fused_loss=fused_loss, backend=BACKEND)
+    replace_embeddings(model, used, output=output, fused_loss=fused_loss, backend=BACKEND, check_ids=check_ids)
     return model, used, ids.to(DEVICE)
 
 
@@ -73,3 +73,23 @@ def test_bad_ids_and_labels_of_compiled_steps_are_reported_at_check_ids():
     compiled(input_ids=ids, labels=labels)
     with pytest.raises((UnusedIdError, IdOutOfRangeError)):
         get_handle(model).check_ids()
+
+
+@pytest.mark.parametrize("check_ids", [False, "sync"])
+def test_check_ids_settings_hold_under_compile(check_ids):
+    """`check_ids=False` compiles to a step that counts nothing (a bad id embeds to zeros, never reported);
+    "sync" cannot read the host inside a graph, so a compiled step counts and `check_ids()` reports, as for True."""
+    torch._dynamo.reset()
+    model, used, ids = _compacted("llama-untied", "frozen", False, check_ids=check_ids)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend=COMPILER)
+    torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss)
+    bad = ids.clone()
+    bad[0, 1] = next(i for i in range(tiny_models.V) if i not in set(used.tolist()))
+    compiled(input_ids=bad, labels=ids)
+    if check_ids is False:
+        get_handle(model).check_ids()  # off: nothing counted, nothing raised
+        assert int(model.get_input_embeddings().bad_id_count) == 0
+    else:
+        with pytest.raises(UnusedIdError, match="compiled or graph-captured forward was given token ids"):
+            get_handle(model).check_ids()

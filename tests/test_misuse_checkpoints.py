@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from helpers import real_assets, tiny_models
+from helpers.state import assert_state, snapshot
 from pema_triton import (
     Compaction,
     SaveDirectoryError,
     UnsupportedModuleError,
     UsedIdsError,
     VocabularySizeError,
+    replace_embeddings,
+    restore_embeddings,
     save_trimmed,
 )
 
@@ -146,3 +149,35 @@ def test_a_model_planned_on_meta_still_restores():
     replace_embeddings(model, used)
     restore_embeddings(model)
     assert get_handle(model) is None and model.get_input_embeddings().weight.shape == (tiny_models.V, 32)
+
+
+@pytest.mark.parametrize("name, output", [("llama-untied", "frozen"), ("gpt2", "restricted")])
+def test_a_dtype_round_trip_gives_what_the_uncompacted_model_would_hold(name, output):
+    """fp32 -> bf16 -> fp32 rounds a plain model's unused rows too; the kept full matrices are cast with the compact
+    rows, so the checkpoint while compacted and the restored model equal the plain model after the same calls (the
+    unused rows used to come back with low bits the plain model had lost)."""
+    plain = tiny_models.build(name)
+    used, ids = tiny_models.used_ids_and_batch(plain)
+    model = tiny_models.build(name)
+    replace_embeddings(model, used, output=output)
+    for m in (plain, model):
+        m.to(torch.bfloat16).float()
+    assert_state(model, snapshot(plain))
+    restore_embeddings(model)
+    assert_state(model, snapshot(plain))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_restricted_trainer_checkpoint_states_the_full_vocabulary(tmp_path):
+    """`config.vocab_size` is U while compacted in `restricted` mode (models shape their loss with it); whatever
+    saves the model writes V: here the Trainer's checkpoint, whose config a later from_pretrained reads."""
+    pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_models.build("llama-untied").train()
+    used, _ = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used, output="restricted")
+    args = tiny_models.trainer_args(tmp_path, max_steps=1, save_steps=1)
+    transformers.Trainer(model=model, args=args, train_dataset=tiny_models.token_dataset(used, 4)).train()
+    assert json.loads((tmp_path / "checkpoint-1" / "config.json").read_text())["vocab_size"] == tiny_models.V
+    assert model.config.vocab_size == len(used)

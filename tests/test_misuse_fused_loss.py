@@ -126,3 +126,30 @@ def test_labels_of_another_shape_than_the_inputs_are_a_clear_error():
     _, fused, _, ids = _pair()
     with pytest.raises(PemaError, match=r"labels have shape \(2, 8\) but the inputs \(2, 9\)"):
         fused(input_ids=ids, labels=ids[:, :-1])
+
+
+def test_reading_the_logits_of_a_fused_training_step_says_why_there_are_none(tmp_path):
+    """A Trainer whose compute_loss logs token accuracy from `outputs.logits` (as TRL's does) crashed with
+    "'NoneType' object has no attribute 'argmax'" deep inside; it is a NoLogitsError naming fused_loss. The output
+    is otherwise the model's own: its items, `output[0]`, `getattr(..., None)`, repr and pickle."""
+    pytest.importorskip("datasets")
+    import pickle
+
+    from pema_triton import NoLogitsError
+
+    _, fused, used, ids = _pair()
+    out = fused(input_ids=ids, labels=ids)
+    assert "logits" not in out and out[0] is out.loss and getattr(out, "logits", None) is None
+    assert repr(out).startswith("CausalLMOutputWithPast(")
+    assert type(pickle.loads(pickle.dumps(out))) is transformers.modeling_outputs.CausalLMOutputWithPast
+
+    class AccuracyTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            outputs = model(**inputs)
+            self.accuracy = (outputs.logits.argmax(-1) == inputs["labels"]).float().mean()
+            return outputs.loss
+
+    args = tiny_models.trainer_args(tmp_path, max_steps=1)
+    trainer = AccuracyTrainer(model=fused, args=args, train_dataset=tiny_models.token_dataset(used, 4))
+    with pytest.raises(NoLogitsError, match=r"fused-loss training forward .* needs fused_loss=False"):
+        trainer.train()

@@ -2,6 +2,9 @@
 factored [U] / [D] moments, LBFGS's flat history), and the optimizer-state guard used to refuse them at step 2,
 blaming a loaded checkpoint. It now refuses only what is wrong: state of the full [V, ...] matrix."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,15 +44,35 @@ OPTIMIZERS = {
     "LBFGS": lambda p: torch.optim.LBFGS(p, lr=0.1, max_iter=2),
     "SGD with momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
     "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+    # The Trainer's adamw_bnb_8bit / paged_adamw_8bit / lion_8bit: uint8 moments and a [numel / 256] absmax per
+    # tensor. min_8bit_size=1 because the tiny rows (U x 32 < 4096 elements) would otherwise keep 32-bit state.
+    "bitsandbytes AdamW8bit": lambda p: _bnb().optim.AdamW8bit(p, lr=1e-2, min_8bit_size=1),
+    "bitsandbytes PagedAdamW8bit": lambda p: _bnb().optim.PagedAdamW8bit(p, lr=1e-2, min_8bit_size=1),
+    "bitsandbytes Lion8bit": lambda p: _bnb().optim.Lion8bit(p, lr=1e-3, min_8bit_size=1),
 }
+
+
+def _bnb():
+    """bitsandbytes (CPU support since 0.45) from the folder scripts/setup.sh installs it into, off sys.path
+    otherwise: beside transformers every `import transformers` would load it (and log a CPU kernel warning)."""
+    folder = str(Path(sys.prefix) / "optional" / "bitsandbytes")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizers_of_any_state_shape_train_the_compact_rows(name):
     model, used, ids = _compacted()
     before = model.get_input_embeddings().weight.detach().clone()
-    _train(model, OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad]), ids)
-    assert not torch.equal(model.get_input_embeddings().weight, before)  # it trained, past step 2
+    optimizer = OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad])
+    _train(model, optimizer, ids)
+    compact = model.get_input_embeddings().weight
+    assert not torch.equal(compact, before)  # it trained, past step 2
+    if name.startswith("bitsandbytes"):  # really 8-bit state, not a 32-bit fallback
+        assert optimizer.state[compact]["state1"].dtype == torch.uint8
     full_before = snapshot(tiny_models.build("llama-untied"))["model.embed_tokens.weight"]
     restore_embeddings(model)
     unused = torch.ones(tiny_models.V, dtype=torch.bool)
