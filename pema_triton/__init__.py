@@ -8,6 +8,7 @@ from .embedding import CompactEmbedding
 from .errors import (
     AlreadyCompactedError,
     BackendError,
+    CompactWeightError,
     IdOutOfRangeError,
     NoLogitsError,
     NotCompactedError,
@@ -45,6 +46,7 @@ __all__ = [
     "BackendError",
     "CompactEmbedding",
     "CompactLMHead",
+    "CompactWeightError",
     "Compaction",
     "HAS_TRITON",
     "IdOutOfRangeError",

@@ -173,11 +173,11 @@ class CompactEmbedding(nn.Embedding):
         For generation with full-vocabulary logits, which may pick an id the data never used: full fine-tuning
         with the unused rows frozen embeds it with its unchanged row. Ids outside [0, V) still raise.
         """
-        self.unused_rows = unused_rows
+        previous, self.unused_rows = self.unused_rows, unused_rows
         try:
             yield self
         finally:
-            self.unused_rows = None
+            self.unused_rows = previous  # None, or rows set for the whole run (pema_triton.hf.compact_trainer)
 
     def _embed_unused(self, ids: torch.Tensor, out: torch.Tensor, unused_rows: torch.Tensor) -> torch.Tensor:
         raise_for_out_of_range(ids, self.num_embeddings)

@@ -22,6 +22,7 @@ __all__ = [
     "SaveDirectoryError",
     "ShardedModelError",
     "NoLogitsError",
+    "CompactWeightError",
     "PemaWarning",
 ]
 
@@ -93,6 +94,11 @@ class ShardedModelError(PemaError):
 class NoLogitsError(PemaError, AttributeError):
     """`.logits` read from a fused-loss training forward, which computes the loss without logits. An AttributeError,
     so `getattr(output, "logits", None)` still gives None."""
+
+
+class CompactWeightError(PemaError):
+    """Code about to use a compacted head's [U, D] weight as the full [V, D] matrix (TRL's fused LM head, read
+    directly), which would score labels against the wrong rows."""
 
 
 class PemaWarning(UserWarning):

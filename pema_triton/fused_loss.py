@@ -153,8 +153,8 @@ def _take_labels(head, model, args, kwargs):
     """Forward pre-hook: in training (or while probing), labels become the head's targets, not the model's."""
     call = head.fused_call
     call.reset()
-    if not (model.training or call.probing):
-        return None
+    if not (model.training or call.probing) or kwargs.get("fused_lm_head"):
+        return None  # TRL's fused head (pema_triton.fused_lm_head) takes the labels itself
     if "labels" not in kwargs and args:
         args, kwargs = arguments_by_name(model, args, kwargs)
     labels = kwargs.pop("labels", None)

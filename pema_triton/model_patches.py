@@ -67,13 +67,26 @@ def kept_matrices_follow_dtype(handle):
             kept.param.data = kept.param.data.to(compact.dtype)
 
 
+def _unused_rows(handle) -> torch.Tensor:
+    """[V, D] holding every unused input row: a tied frozen head's buffer (on the device already), else the kept
+    original matrix (on the CPU when offloaded: a few rows a step)."""
+    rows = handle.output_mode.frozen_rows(handle.heads[0]) if handle.tied and handle.heads else None
+    return handle.kept_input.param.data if rows is None else rows
+
+
+def embed_unused_ids(handle) -> None:
+    """From now until restore, every compacted input embedding embeds an unused id with its frozen row (no
+    gradient), in training too: for online trainers, whose completions hold ids nobody scanned."""
+    rows = _unused_rows(handle)
+    for embedding in handle.embeddings:
+        embedding.unused_rows = rows
+        handle.on_undo(functools.partial(setattr, embedding, "unused_rows", None))
+
+
 @contextmanager
 def embedding_unused_ids(handle):
-    """Every compacted input embedding embeds unused ids with their frozen rows: a tied frozen head holds all of
-    them on the device already; otherwise they come from the kept original matrix (on the CPU when offloaded: a
-    few rows a step)."""
-    rows = handle.output_mode.frozen_rows(handle.heads[0]) if handle.tied and handle.heads else None
-    rows = handle.kept_input.param.data if rows is None else rows
+    """Every compacted input embedding embeds unused ids with their frozen rows (:func:`_unused_rows`)."""
+    rows = _unused_rows(handle)
     with ExitStack() as stack:
         for embedding in handle.embeddings:
             stack.enter_context(embedding.embedding_unused_ids(rows))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PemaError
+from .fused_lm_head import adapt_head_readers, refuse_foreign_head_readers
 from .fused_loss import FusedLoss
 from .guards import check_full_vocabulary_logits
 from .id_check import LabelCheck
@@ -103,9 +104,20 @@ class OutputMode:
         wrap_method(handle, "generate", functools.partial(embedding_unused_ids, handle))
         hook = handle.model.register_forward_hook(functools.partial(check_full_vocabulary_logits, handle))
         handle.on_undo(hook.remove)
+        if self.compacts_head:
+            _refuse_readers_of_the_head_weight(handle)
 
     def __repr__(self) -> str:
         return repr(self.name) + (" (fused loss)" if self.fused_loss else "")
+
+
+def _refuse_readers_of_the_head_weight(handle) -> None:
+    """Forwards that read `lm_head.weight` as [V, D] (TRL's, Liger's): TRL's adapted, any other refused
+    (:mod:`pema_triton.fused_lm_head`)."""
+    adapt_head_readers(handle)
+    hook = handle.model.register_forward_pre_hook(functools.partial(refuse_foreign_head_readers, handle),
+                                                  with_kwargs=True)
+    handle.on_undo(hook.remove)
 
 
 class UntouchedHead(OutputMode):
@@ -186,6 +198,7 @@ class RestrictedHead(OutputMode):
         """Logit biases sliced to U, `config.vocab_size` U, labels remapped to compact columns, and V columns
         (with `config.vocab_size` V) during `generate()` and `save_pretrained()`."""
         handle.heads[0].label_check.mode = LabelCheck.mode_for(handle.embeddings[0].check_ids)
+        _refuse_readers_of_the_head_weight(handle)
         slice_logit_biases(handle)
         configs = vocab_configs(handle)
         set_vocab_size(handle, configs, handle.compaction.num_used)

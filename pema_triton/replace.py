@@ -32,7 +32,7 @@ from .model_patches import kept_matrices_follow_dtype, wrap_method
 from .modes import OutputMode, output_mode
 from .ops.remap import Compaction
 from .vocab import warn_missing_special_ids
-from .wrappers import check_embedding_wrappers, inner_model, peft_model_in, route_peft_saves, trained_module
+from .wrappers import adopt_peft_model, check_embedding_wrappers, inner_model, peft_model_in, trained_module
 
 __all__ = ["get_handle", "replace_embeddings", "restore_embeddings"]
 
@@ -96,8 +96,8 @@ def replace_embeddings(
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
     _compact(handle, targets, _offload_device(offload), backend=backend, deterministic=deterministic,
              check_ids=check_ids)
-    if peft_model is not None:  # PEFT froze the compact rows with every base weight
-        route_peft_saves(peft_model, embedding_layers=handle.train_compact_rows() > 0)
+    if peft_model is not None:
+        adopt_peft_model(handle, peft_model)
     handle.finish(stats_before)
     return handle
 

@@ -11,14 +11,16 @@ Duck-typed, so that neither package is imported (both are optional).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-from .errors import PemaWarning, UnsupportedModuleError
+from .errors import PemaError, PemaWarning, UnsupportedModuleError
 
 __all__ = [
-    "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped", "peft_model_in", "route_peft_saves",
-    "trained_module",
+    "adopt_peft_model", "check_embedding_wrappers", "inner_model", "is_peft_model", "is_peft_wrapped",
+    "original_rows_without_adapters", "peft_model_in", "route_peft_saves", "trained_module",
 ]
 
 
@@ -185,6 +187,13 @@ def _is_modules_to_save(module: nn.Module) -> bool:
     return isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict) and hasattr(module, "original_module")
 
 
+def adopt_peft_model(handle, peft_model: nn.Module) -> None:
+    """What a PeftModel around a just-compacted model needs: the compact rows trainable (PEFT froze them with
+    every base weight), its saves routed, the original rows under `disable_adapter()`."""
+    route_peft_saves(peft_model, embedding_layers=handle.train_compact_rows() > 0)
+    original_rows_without_adapters(handle, peft_model)
+
+
 def route_peft_saves(peft_model: nn.Module, embedding_layers: bool) -> None:
     """Makes `peft_model.save_pretrained` save what a compacted PeftModel needs (an instance attribute, set once).
 
@@ -215,3 +224,43 @@ class _PeftSave:
         if handle is not None and kwargs.get("is_main_process", True):
             handle.compaction.save(save_directory)
         return result
+
+
+def original_rows_without_adapters(handle, peft_model: nn.Module) -> None:
+    """Makes `peft_model.disable_adapter()` give the base model the PeftModel was built on, the compact rows
+    included: DPO's and KTO's reference pass when `ref_model` is None. PEFT's adapters hold no embedding rows, so
+    the rows replace_embeddings trains would otherwise reach the reference, which would drift with the policy."""
+    if "disable_adapter" in peft_model.__dict__:
+        return
+    handle.patch(peft_model, "disable_adapter", _DisableAdapter(handle, peft_model.disable_adapter))
+
+
+class _DisableAdapter:
+    def __init__(self, handle, disable_adapter):
+        self.handle, self.disable_adapter = handle, disable_adapter
+
+    @contextmanager
+    def __call__(self):
+        with self.disable_adapter(), _original_compact_rows(self.handle):
+            yield
+
+
+@contextmanager
+def _original_compact_rows(handle):
+    """Within the block the compact Parameters hold the original rows (from the kept full matrices)."""
+    swapped = []
+    for kept, compact in handle._kept_and_compact():
+        if kept is None or compact is None or not compact.requires_grad:
+            continue  # untrained rows are the original ones already; a tied head's weight is the embedding's
+        if torch.is_grad_enabled():
+            raise PemaError("a forward with the adapters disabled (a reference pass) reads the original embedding "
+                            "rows in place of the trained ones; run it under torch.no_grad(), as TRL does")
+        used = handle.used_ids.to(kept.param.device)
+        original = kept.param.detach().index_select(0, used).to(compact.device, compact.dtype)
+        swapped.append((compact, compact.data))
+        compact.data = original
+    try:
+        yield
+    finally:
+        for compact, trained in swapped:
+            compact.data = trained

@@ -10,7 +10,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # torch first and pinned: with none installed, a bare `torch` requirement pulls a several-GB CUDA build.
   "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"${pip[@]}" -e ".[test,examples]"
+"${pip[@]}" -e ".[test,examples,trl]"
+# Two older TRLs, each in a folder of its own that tests/test_trl_versions.py puts on PYTHONPATH: 1.14.2 (SFT's
+# default loss_type="chunked_nll" reads lm_head.weight itself) and 1.6.0 (the plain logits path).
+for version in 1.14.2 1.6.0; do
+  [ -d "$VENV/optional/trl-$version/trl" ] || "${pip[@]}" --no-deps --target "$VENV/optional/trl-$version" "trl==$version"
+done
 # bitsandbytes, for tests/test_misuse_optimizers.py (the Trainer's 8-bit optimizers on compact rows), in a folder of
 # its own that only that test puts on sys.path: installed beside transformers, every `import transformers` loads it,
 # and on a CPU with AVX512-BF16 it logs a kernel warning into the demo's and every test's output.

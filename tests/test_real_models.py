@@ -165,7 +165,7 @@ def test_smollm2_fused_loss_creates_no_logits_and_no_vocabulary_sized_tensor():
     with Sizes():
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
-    assert out.logits is None and torch.isfinite(out.loss)
+    assert getattr(out, "logits", None) is None and torch.isfinite(out.loss)
     assert Sizes.largest < limit, f"a tensor of {Sizes.largest:,} elements (limit {limit:,})"
     assert not Sizes.vocabulary_sized, Sizes.vocabulary_sized
     assert model.get_input_embeddings().weight.grad.shape == (len(used), dim)  # tied: one [U, D] gradient

@@ -1,0 +1,153 @@
+"""Per-token log-probabilities (and entropy, top-1, ...) of `hidden @ head.T` for a head whose used rows train:
+what TRL's fused LM head returns, computed by chunks of tokens, so the [N, V] logits never exist, and with a
+[U, D] head gradient (a frozen head's other rows get none).
+
+Each chunk's logits come from one GEMM against the whole head (cuBLAS on a GPU, the library's GEMM on a CPU) and
+are reduced in fp32; backward recomputes them. At N = 32k tokens, V = 152k, fp32 logits would be 19.9 GB; a
+chunk is held to `chunk_bytes` (256 MiB by default: 441 tokens at V = 152k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PemaError
+
+__all__ = ["LOG_PROB_OUTPUTS", "compact_linear_log_probs"]
+
+# What TRL's FusedCausalLMOutput holds per token, beside `log_probs` (always computed).
+LOG_PROB_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_CHUNK_BYTES = 256 * 2**20
+# fp32 bytes per logit a chunk holds at once in backward: the logits, their softmax and the gradient.
+_BYTES_PER_LOGIT = 12
+
+
+@dataclass(frozen=True)
+class _Params:
+    temperature: float
+    outputs: tuple[str, ...]
+    chunk: int  # tokens per chunk
+    compute_dtype: torch.dtype
+
+
+class _CompactLinearLogProbs(torch.autograd.Function):
+    """Forward: per-token stats of `z = (hidden @ full_weight.T) / T`, the rows of `full_weight` [V', D] at
+    `used` ([U] columns, or every column where None) being `weight`'s. Backward: gradients of `log_probs` and
+    `entropy` into `hidden` and `weight` ([U, D]) only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, full_weight, used, targets, params: _Params):
+        ctx.set_materialize_grads(False)  # entropy is mostly logged: no zero gradient to run backward for
+        stats = {name: [] for name in LOG_PROB_OUTPUTS}
+        lse_chunks = []
+        for start in range(0, hidden.shape[0], params.chunk):
+            z = _logits(hidden[start:start + params.chunk], full_weight, params)
+            t = targets[start:start + params.chunk]
+            lse = torch.logsumexp(z, dim=-1)
+            lse_chunks.append(lse)
+            stats["log_probs"].append(z.gather(1, t[:, None]).squeeze(1) - lse)
+            if "entropy" in params.outputs:
+                stats["entropy"].append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+            if "log_sum_sq_probs" in params.outputs:
+                stats["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
+            if "mean_logits" in params.outputs:
+                stats["mean_logits"].append(z.mean(-1))
+            if "is_top1" in params.outputs:
+                stats["is_top1"].append(z.argmax(-1) == t)  # the first maximum, as TRL's kernel decides ties
+        out = [torch.cat(chunks) if chunks else None for chunks in stats.values()]
+        if hidden.shape[0] == 0:  # no valid token: empty outputs of the right dtypes
+            out = [None if name not in (*params.outputs, "log_probs") else
+                   hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else torch.float32)
+                   for name in LOG_PROB_OUTPUTS]
+        lse = torch.cat(lse_chunks) if lse_chunks else hidden.new_zeros(0, dtype=torch.float32)
+        # The head is held on ctx, not saved: a frozen head's buffer is refreshed in place by the next forward
+        # (DPO's reference pass runs between the policy's forward and backward), with the same rows until the
+        # optimizer steps, which autograd's version check would refuse.
+        ctx.save_for_backward(hidden, weight, used, targets, lse)
+        ctx.full_weight, ctx.params = full_weight, params
+        ctx.mark_non_differentiable(*(x for x in out[2:] if x is not None))
+        return tuple(out)
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_log_probs, grad_entropy, *_):
+        hidden, weight, used, targets, lse = ctx.saved_tensors
+        full_weight, params = ctx.full_weight, ctx.params
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], params.chunk):
+            rows = slice(start, start + params.chunk)
+            h = hidden[rows]
+            z = _logits(h, full_weight, params)
+            log_p = z - lse[rows, None]
+            p = log_p.exp()
+            grad_z = torch.zeros_like(z)
+            if grad_log_probs is not None:  # d log p_t / dz = onehot(t) - p
+                g = grad_log_probs[rows, None].float()
+                grad_z.addcmul_(p, g, value=-1).scatter_add_(1, targets[rows, None], g)
+            if grad_entropy is not None:  # d H / dz = -p (log p + H)
+                entropy = -(p * log_p).sum(-1, keepdim=True)
+                grad_z.sub_(grad_entropy[rows, None].float() * p * (log_p + entropy))
+            grad_z = (grad_z / params.temperature).to(params.compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_z.matmul(full_weight.to(params.compute_dtype)).float()
+            if grad_weight is not None:
+                grad_used = grad_z if used is None else grad_z.index_select(1, used)
+                grad_weight.add_(grad_used.t().matmul(h.to(params.compute_dtype)).float())
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+
+
+def _logits(hidden: torch.Tensor, full_weight: torch.Tensor, params: _Params) -> torch.Tensor:
+    """[n, D] -> fp32 [n, V'] logits over the temperature, the GEMM in the compute (autocast) dtype."""
+    logits = hidden.to(params.compute_dtype).matmul(full_weight.to(params.compute_dtype).t()).float()
+    return logits if params.temperature == 1.0 else logits / params.temperature
+
+
+def compact_linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    full_weight: torch.Tensor | None,
+    used_ids: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    outputs: tuple[str, ...] = ("log_probs",),
+    chunk_bytes: int = _CHUNK_BYTES,
+) -> dict[str, torch.Tensor | None]:
+    """Per-token `log softmax(hidden @ head.T / temperature)[target]` and the other `outputs`, without the [N, V]
+    logits; gradients of `log_probs` and `entropy` flow to `hidden` and to `weight` ([U, D]) only.
+
+    Args:
+        hidden: [N, D] (the positions to score: ignored ones left out, as TRL's fused head does).
+        weight: [U, D] trainable rows.
+        full_weight: [V, D] the head whose rows at `used_ids` are `weight`'s (a `frozen` head's buffer, refreshed
+            by the caller), or None where `weight` is the whole head (`restricted`: columns are compact).
+        used_ids: [U] int64 columns of `full_weight` that are `weight`'s rows; None with `full_weight=None`.
+        targets: [N] columns in [0, V') (original ids in `frozen` mode, compact columns in `restricted`).
+        outputs: among :data:`LOG_PROB_OUTPUTS`; "log_probs" is always computed, the others are None unless named.
+
+    Returns:
+        {name: [N] tensor or None} for every name in :data:`LOG_PROB_OUTPUTS`: fp32 statistics, `is_top1` bool.
+    """
+    unknown = set(outputs) - set(LOG_PROB_OUTPUTS)
+    if unknown:
+        raise PemaError(f"unknown outputs {sorted(unknown)}; choose among {LOG_PROB_OUTPUTS}")
+    if (full_weight is None) != (used_ids is None):
+        raise PemaError("pass full_weight and used_ids together (frozen head), or neither (weight is the head)")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
+        raise PemaError(f"expected hidden [N, D], targets [N] and weight [U, D], got {tuple(hidden.shape)}, "
+                        f"{tuple(targets.shape)} and {tuple(weight.shape)}")
+    if temperature <= 0:
+        raise PemaError(f"temperature must be positive, got {temperature}")
+    head = weight.detach() if full_weight is None else full_weight
+    chunk = max(1, chunk_bytes // (_BYTES_PER_LOGIT * head.shape[0]))
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    params = _Params(float(temperature), tuple(outputs), chunk, compute_dtype)
+    with torch.autocast(device, enabled=False):
+        values = _CompactLinearLogProbs.apply(hidden, weight, head, used_ids, targets.long(), params)
+    return dict(zip(LOG_PROB_OUTPUTS, values))

@@ -1,0 +1,74 @@
+"""TRL trainers on the tiny models: a word-level tokenizer over their V = 97 ids ("<unk>" 0, "<pad>" 1, "<eos>" 2,
+"<bos>" 3, then "t4" ... "t96"), SFT and DPO data as text, quiet fp32 configs, and the baseline PEMA must equal:
+the uncompacted model trained with every row outside the used ids frozen."""
+
+import torch
+
+from helpers import tiny_models
+
+SPECIAL = {"unk_token": "<unk>", "pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}
+
+
+def tokenizer():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(SPECIAL.values())} | {f"t{i}": i for i in range(4, tiny_models.V)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, **SPECIAL)
+
+
+def model(name: str = "llama-untied"):
+    built = tiny_models.build(name).train()
+    built.config.pad_token_id, built.config.eos_token_id, built.config.bos_token_id = 1, 2, 3
+    built.generation_config.pad_token_id = 1
+    return built
+
+
+def _words(gen, n: int, high: int) -> str:
+    return " ".join(f"t{int(i)}" for i in torch.randint(4, high, (n,), generator=gen))
+
+
+def sft_data(rows: int = 8, high: int = 60):
+    """Text rows of ids 4 .. high - 1 (TRL tokenizes them and appends EOS)."""
+    import datasets
+
+    gen = torch.Generator().manual_seed(0)
+    return datasets.Dataset.from_dict({"text": [_words(gen, 10, high) for _ in range(rows)]})
+
+
+def dpo_data(rows: int = 8):
+    import datasets
+
+    gen = torch.Generator().manual_seed(1)
+    return datasets.Dataset.from_dict({
+        "prompt": [_words(gen, 5, 60) for _ in range(rows)],
+        "chosen": [" " + _words(gen, 4, 60) for _ in range(rows)],
+        "rejected": [" " + _words(gen, 4, 60) for _ in range(rows)],
+    })
+
+
+def config(kind: str, output_dir, **overrides):
+    """SFTConfig / DPOConfig for two quiet fp32 steps; SGD, so equal gradients give equal weights (Adam's first
+    step divides each by its own magnitude, turning round-off in a near-zero gradient into +-lr)."""
+    import trl
+
+    kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                  report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, data_seed=0,
+                  save_strategy="no", bf16=False, optim="sgd")
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[kind](**(kwargs | overrides))
+
+
+def freeze_rows_outside(trained_model, used_ids: torch.Tensor) -> None:
+    """The baseline: gradients of the embedding and head rows outside `used_ids` zeroed (tied: one hook)."""
+    frozen = torch.ones(tiny_models.V, dtype=torch.bool)
+    frozen[used_ids] = False
+    params = {id(p): p for p in (trained_model.get_input_embeddings().weight,
+                                 trained_model.get_output_embeddings().weight)}
+    for param in params.values():
+        param.register_hook(lambda grad: grad.masked_fill(frozen[:, None].to(grad.device), 0))
+
+
+def logged(trainer, *keys) -> list[tuple]:
+    return [tuple(entry[k] for k in keys) for entry in trainer.state.log_history if "loss" in entry]

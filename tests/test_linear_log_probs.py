@@ -1,0 +1,81 @@
+"""`compact_linear_log_probs` (TRL's per-token outputs from a compact head) against full logits in PyTorch: every
+statistic and the gradients of log-probs and entropy, frozen (a [V, D] head whose used rows train) and restricted
+(the [U, D] rows are the head), over several token chunks, at a temperature, with ties and one token."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pema_triton import PemaError
+from pema_triton.ops.linear_log_probs import LOG_PROB_OUTPUTS, compact_linear_log_probs
+
+V, D = 37, 6  # D not a power of two
+
+
+def _case(n, frozen, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    used = torch.tensor([0, 3, 4, 11, 20, V - 1])
+    full = torch.randn(V, D, generator=gen, dtype=torch.float64)
+    weight = full[used].clone().requires_grad_(True)
+    hidden = torch.randn(n, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    columns = used if frozen else torch.arange(len(used))
+    targets = columns[torch.randint(0, len(used), (n,), generator=gen)]
+    return hidden, weight, full, used, targets
+
+
+def _expected(hidden, weight, full, used, targets, frozen, temperature):
+    head = full.index_put((used,), weight) if frozen else weight  # differentiable in weight
+    z = F.linear(hidden, head) / temperature
+    log_p = z.log_softmax(-1)
+    p = log_p.exp()
+    return {"log_probs": log_p.gather(1, targets[:, None]).squeeze(1), "entropy": -(p * log_p).sum(-1),
+            "log_sum_sq_probs": (p * p).sum(-1).log(), "mean_logits": z.mean(-1),
+            "is_top1": z.argmax(-1) == targets}
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "restricted"])
+@pytest.mark.parametrize("n, temperature", [(1, 1.0), (23, 0.7)])
+def test_every_output_and_both_gradients_equal_full_logits(frozen, n, temperature):
+    hidden, weight, full, used, targets = _case(n, frozen)
+    got = compact_linear_log_probs(hidden, weight, full if frozen else None, used if frozen else None, targets,
+                                   temperature=temperature, outputs=LOG_PROB_OUTPUTS, chunk_bytes=12 * V * 5)
+    want = _expected(hidden, weight, full, used, targets, frozen, temperature)
+    for name in LOG_PROB_OUTPUTS:
+        if name == "is_top1":
+            assert torch.equal(got[name], want[name])
+        else:
+            torch.testing.assert_close(got[name], want[name].float(), msg=name)
+    g_lp, g_h = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    grads = torch.autograd.grad((got["log_probs"] * g_lp).sum() + (got["entropy"] * g_h).sum(), (hidden, weight))
+    want_grads = torch.autograd.grad((want["log_probs"] * g_lp).sum() + (want["entropy"] * g_h).sum(),
+                                     (hidden, weight))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert grads[1].shape == (len(used), D)  # the compact rows' gradient, never [V, D]
+
+
+def test_the_unused_rows_of_a_frozen_head_count_in_the_softmax_and_get_no_gradient():
+    hidden, weight, full, used, _ = _case(4, True)
+    targets = torch.tensor([1, 2, 5, V - 2])  # unused ids: their own rows score them
+    got = compact_linear_log_probs(hidden, weight, full, used, targets)
+    want = _expected(hidden, weight, full, used, targets, True, 1.0)
+    torch.testing.assert_close(got["log_probs"], want["log_probs"].float())
+    assert got["entropy"] is None and got["is_top1"] is None  # only what was asked for
+
+
+def test_ties_are_decided_for_the_first_maximum_and_no_token_gives_empty_outputs():
+    weight = torch.ones(3, 4, requires_grad=True)  # every logit equal
+    hidden, targets = torch.randn(2, 4), torch.tensor([0, 2])
+    got = compact_linear_log_probs(hidden, weight, None, None, targets, outputs=("is_top1",))
+    assert got["is_top1"].tolist() == [True, False]
+    empty = compact_linear_log_probs(hidden[:0], weight, None, None, targets[:0], outputs=("entropy",))
+    assert empty["log_probs"].shape == (0,) and empty["entropy"].shape == (0,)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"outputs": ("logits",)}, "unknown outputs"),
+    ({"temperature": 0.0}, "temperature must be positive"),
+])
+def test_bad_arguments_are_typed_errors(kwargs, match):
+    with pytest.raises(PemaError, match=match):
+        compact_linear_log_probs(torch.randn(2, 4), torch.randn(3, 4), None, None, torch.tensor([0, 1]), **kwargs)

@@ -1,0 +1,185 @@
+"""TRL's trainers on a compacted model, the way TRL users train: build the trainer, `compact_trainer(trainer)`,
+`train()`. TRL's fused LM head reads `lm_head.weight` itself; adapted, SFT and DPO give the model of full training
+with every unused row frozen (losses, metrics and weights to fp32 round-off); unadapted, it is refused before a
+step. The real SmolLM2 runs are in tests/test_trl_real.py (slow)."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import tiny_models, tiny_trl
+from helpers.state import assert_state, snapshot
+from pema_triton import CompactWeightError, PemaError, get_handle, replace_embeddings
+
+trl = pytest.importorskip("trl")
+pytest.importorskip("datasets")
+from pema_triton.hf import compact_trainer  # noqa: E402  (after the skips: imports transformers)
+
+METRICS = ("loss", "entropy", "mean_token_accuracy")
+
+
+def _grpo(model, folder, reward):
+    import datasets
+
+    prompts = datasets.Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9", "t10 t11 t5", "t6"] * 2})
+    args = tiny_trl.config("grpo", folder, num_generations=2, max_completion_length=6)
+    return trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                           processing_class=tiny_trl.tokenizer())
+
+
+def _sft(model, tmp_path, **overrides):
+    return trl.SFTTrainer(model=model, args=tiny_trl.config("sft", tmp_path, **overrides),
+                          train_dataset=tiny_trl.sft_data(), processing_class=tiny_trl.tokenizer())
+
+
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["frozen", "frozen-fused"])
+def test_sft_equals_full_training_with_the_unused_rows_frozen(tmp_path, fused_loss):
+    model = tiny_trl.model()
+    baseline = copy.deepcopy(model)
+    trainer = _sft(model, tmp_path / "pema")
+    handle = compact_trainer(trainer, fused_loss=fused_loss)
+    assert handle.compaction.num_used < tiny_models.V and 2 in handle.used_ids.tolist()  # TRL's appended EOS
+    trainer.train()  # PemaCallback restores the model at the end
+    reference = _sft(baseline, tmp_path / "baseline")
+    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    reference.train()
+    got, want = tiny_trl.logged(trainer, *METRICS), tiny_trl.logged(reference, *METRICS)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert get_handle(model) is None
+    for name, tensor in baseline.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sft_restricted_scores_and_ranks_labels_over_the_used_ids(tmp_path):
+    """`restricted`: log-probs are a softmax over the U used ids, and top-1 (TRL's mean_token_accuracy) compares
+    the argmax over them with the label in original ids, not a compact column with an original id."""
+    model = tiny_trl.model()
+    plain = copy.deepcopy(model)
+    trainer = _sft(model, tmp_path, max_steps=1)
+    handle = compact_trainer(trainer, output="restricted", callback=False)
+    used = handle.used_ids
+    ids = used[torch.arange(12) % len(used)].reshape(2, 6)
+    with torch.no_grad():
+        logits = plain(input_ids=ids).logits[:, :-1, used]
+    labels = ids.clone()
+    labels[:, 1::2] = used[logits.argmax(-1)[:, ::2]]  # every other label is the top-1 over the used ids
+    labels[:, :1] = -100
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    targets, mask = labels[:, 1:], labels[:, 1:] != -100
+    columns = torch.searchsorted(used, targets.clamp(min=0))
+    want = logits.log_softmax(-1).gather(-1, columns[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.log_probs[mask], want[mask], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.is_top1[mask], (used[logits.argmax(-1)] == targets)[mask])
+    assert out.is_top1[:, ::2].all()  # the labels set to the top-1 are counted as such
+    trainer.train()
+    assert all(0.0 <= acc <= 1.0 for (acc,) in tiny_trl.logged(trainer, "mean_token_accuracy"))
+
+
+def test_a_model_compacted_before_the_trainer_is_refused_before_any_step(tmp_path):
+    """What a user who compacts first meets: TRL's fused head would multiply by the [U, D] rows (SFT's loss on
+    real SmolLM2 was 17.08 instead of 3.63). The first forward raises, naming compact_trainer; nothing stepped."""
+    model = tiny_trl.model()
+    used = torch.tensor(sorted(set(range(4)) | set(range(4, 60))))
+    replace_embeddings(model, used)
+    before = snapshot(model)
+    with pytest.raises(CompactWeightError, match="compact_trainer"):
+        _sft(model, tmp_path).train()
+    assert_state(model, before)
+
+
+def test_dpo_equals_full_training_with_the_unused_rows_frozen(tmp_path):
+    """DPO with an explicit reference model, which stays uncompacted: the reference log-probs are exact."""
+    model, reference_model = tiny_trl.model(), tiny_trl.model()
+    baseline = copy.deepcopy(model)
+
+    def dpo(policy, folder):
+        return trl.DPOTrainer(model=policy, ref_model=copy.deepcopy(reference_model), train_dataset=tiny_trl.dpo_data(),
+                              args=tiny_trl.config("dpo", folder), processing_class=tiny_trl.tokenizer())
+
+    trainer = dpo(model, tmp_path / "pema")
+    handle = compact_trainer(trainer)
+    trainer.train()
+    reference = dpo(baseline, tmp_path / "baseline")
+    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    reference.train()
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen")
+    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
+                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+    for name, tensor in baseline.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_misuses_of_compact_trainer_are_refused_with_the_model_untouched(tmp_path):
+    model = tiny_trl.model()
+    dpo = trl.DPOTrainer(model=model, ref_model=tiny_trl.model(), train_dataset=tiny_trl.dpo_data(),
+                         args=tiny_trl.config("dpo", tmp_path / "dpo"), processing_class=tiny_trl.tokenizer())
+    before = snapshot(model)
+    with pytest.raises(PemaError, match=r"log\(Z_V / Z_U\)"):  # restricted policy vs full-vocabulary reference
+        compact_trainer(dpo, output="restricted")
+    sft = _sft(model, tmp_path / "sft")
+    sft.create_optimizer()
+    with pytest.raises(PemaError, match="optimizer exists already"):
+        compact_trainer(sft)
+    grpo = _grpo(tiny_trl.model(), tmp_path / "grpo", lambda completions, **_: [0.0] * len(completions))
+    with pytest.raises(PemaError, match="embed_unscanned=True .* or output='restricted'"):
+        compact_trainer(grpo)  # frozen: completions would hold unscanned ids; the user must choose
+    no_ids = _sft(tiny_trl.model(), tmp_path / "no_ids")
+    no_ids.train_dataset = no_ids.train_dataset.select_columns(["text"])
+    with pytest.raises(PemaError, match="hold no token-id columns"):
+        compact_trainer(no_ids)
+    assert get_handle(model) is None and get_handle(grpo.model) is None and get_handle(no_ids.model) is None
+    assert_state(model, before)
+
+
+def test_grpo_with_unscanned_completion_ids_equals_full_training_with_those_rows_frozen(tmp_path):
+    """Online: the scan sees the prompts as GRPO tokenizes them; the completions the model samples hold ids nobody
+    scanned, which `embed_unscanned=True` embeds and scores with their frozen rows. The same samples, rewards,
+    losses and weights as the uncompacted model trained with every row outside the scanned ids frozen."""
+    seen = []
+
+    def reward(completions, completion_ids, **_):
+        seen.extend(i for row in completion_ids for i in row)
+        return [len(c) / 10 for c in completions]
+
+    model = tiny_trl.model()
+    baseline = copy.deepcopy(model)
+    trainer = _grpo(model, tmp_path / "pema", reward)
+    handle = compact_trainer(trainer, embed_unscanned=True)
+    assert set(handle.used_ids.tolist()) == {0, 1, 2, 3, *range(5, 12)}  # the prompts' ids and the specials
+    trainer.train()
+    assert set(seen) - set(handle.used_ids.tolist())  # completions did reach unscanned ids
+    reference = _grpo(baseline, tmp_path / "baseline", reward)
+    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    reference.train()
+    keys = ("loss", "reward", "entropy")
+    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
+                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+    for name, tensor in baseline.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dpo_under_peft_takes_its_reference_from_the_original_rows(tmp_path):
+    """`ref_model=None` under PEFT: the reference is the policy with its adapter disabled. The compact rows train
+    in place (no adapter holds them), so within `disable_adapter()` they read the original rows: the same run as
+    PEFT training the full matrices as modules_to_save copies (whose originals the reference uses), unused rows
+    frozen. Without that, step 2's loss was 0.69314 instead of 0.69272."""
+    peft = pytest.importorskip("peft")
+    model = tiny_trl.model()
+    baseline = copy.deepcopy(model)
+
+    def dpo(policy, folder, **lora):
+        config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **lora)
+        return trl.DPOTrainer(model=policy, args=tiny_trl.config("dpo", folder), train_dataset=tiny_trl.dpo_data(),
+                              processing_class=tiny_trl.tokenizer(), peft_config=config)
+
+    trainer = dpo(model, tmp_path / "pema")
+    handle = compact_trainer(trainer)
+    trainer.train()
+    reference = dpo(baseline, tmp_path / "baseline", modules_to_save=["embed_tokens", "lm_head"])
+    tiny_trl.freeze_rows_outside(reference.model.get_base_model(), handle.used_ids)
+    reference.train()
+    keys = ("loss", "rewards/chosen", "rewards/rejected")
+    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
+                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
