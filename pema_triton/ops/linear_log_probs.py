@@ -42,8 +42,9 @@ class _CompactLinearLogProbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # entropy is mostly logged: no zero gradient to run backward for
         stats = {name: [] for name in LOG_PROB_OUTPUTS}
         lse_chunks = []
+        head = full_weight.to(params.compute_dtype)  # cast once (under autocast), not per chunk
         for start in range(0, hidden.shape[0], params.chunk):
-            z = _logits(hidden[start:start + params.chunk], full_weight, params)
+            z = _logits(hidden[start:start + params.chunk], head, params)
             t = targets[start:start + params.chunk]
             lse = torch.logsumexp(z, dim=-1)
             lse_chunks.append(lse)
@@ -78,10 +79,11 @@ class _CompactLinearLogProbs(torch.autograd.Function):
         full_weight, params = ctx.full_weight, ctx.params
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        head = full_weight.to(params.compute_dtype)
         for start in range(0, hidden.shape[0], params.chunk):
             rows = slice(start, start + params.chunk)
             h = hidden[rows]
-            z = _logits(h, full_weight, params)
+            z = _logits(h, head, params)
             log_p = z - lse[rows, None]
             p = log_p.exp()
             grad_z = torch.zeros_like(z)
@@ -93,7 +95,7 @@ class _CompactLinearLogProbs(torch.autograd.Function):
                 grad_z.sub_(grad_entropy[rows, None].float() * p * (log_p + entropy))
             grad_z = (grad_z / params.temperature).to(params.compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_z.matmul(full_weight.to(params.compute_dtype)).float()
+                grad_hidden[rows] = grad_z.matmul(head).float()
             if grad_weight is not None:
                 grad_used = grad_z if used is None else grad_z.index_select(1, used)
                 grad_weight.add_(grad_used.t().matmul(h.to(params.compute_dtype)).float())
@@ -101,9 +103,9 @@ class _CompactLinearLogProbs(torch.autograd.Function):
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
 
 
-def _logits(hidden: torch.Tensor, full_weight: torch.Tensor, params: _Params) -> torch.Tensor:
-    """[n, D] -> fp32 [n, V'] logits over the temperature, the GEMM in the compute (autocast) dtype."""
-    logits = hidden.to(params.compute_dtype).matmul(full_weight.to(params.compute_dtype).t()).float()
+def _logits(hidden: torch.Tensor, head: torch.Tensor, params: _Params) -> torch.Tensor:
+    """[n, D] -> fp32 [n, V'] logits over the temperature, the GEMM in the compute (autocast) dtype of `head`."""
+    logits = hidden.to(params.compute_dtype).matmul(head.t()).float()
     return logits if params.temperature == 1.0 else logits / params.temperature
 
 

@@ -55,6 +55,7 @@ def _smollm2():
     folder, gguf = assets().smollm2_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model.is_quantized, model.hf_quantizer = False, None  # de-quantised on load: a Trainer may fine-tune it
     return tokenizer, model.eval()
 
 
