@@ -28,20 +28,31 @@ def _grpo(model, folder, reward):
                            processing_class=tiny_trl.tokenizer())
 
 
-def _sft(model, tmp_path, **overrides):
-    return trl.SFTTrainer(model=model, args=tiny_trl.config("sft", tmp_path, **overrides),
-                          train_dataset=tiny_trl.sft_data(), processing_class=tiny_trl.tokenizer())
+def _sft(model, tmp_path, data="text", **overrides):
+    dataset = tiny_trl.sft_data() if data == "text" else tiny_trl.prompt_completion_data()
+    return trl.SFTTrainer(model=model, args=tiny_trl.config("sft", tmp_path, **overrides), train_dataset=dataset,
+                          processing_class=tiny_trl.tokenizer())
 
 
-@pytest.mark.parametrize("fused_loss", [False, True], ids=["frozen", "frozen-fused"])
-def test_sft_equals_full_training_with_the_unused_rows_frozen(tmp_path, fused_loss):
+SFT_CASES = {  # SFTConfig options, compact_trainer options, the dataset
+    "plain": ({}, {}, "text"),
+    "fused": ({}, {"fused_loss": True}, "text"),
+    "packing": ({"packing": True, "max_length": 24}, {}, "text"),  # two 11-token rows a sequence, padding-free
+    "padding-free": ({"padding_free": True, "max_length": None}, {}, "text"),
+    "completion-only": ({"completion_only_loss": True}, {}, "prompt-completion"),
+}
+
+
+@pytest.mark.parametrize("case", SFT_CASES)
+def test_sft_equals_full_training_with_the_unused_rows_frozen(tmp_path, case):
+    config, options, data = SFT_CASES[case]
     model = tiny_trl.model()
     baseline = copy.deepcopy(model)
-    trainer = _sft(model, tmp_path / "pema")
-    handle = compact_trainer(trainer, fused_loss=fused_loss)
+    trainer = _sft(model, tmp_path / "pema", data=data, **config)
+    handle = compact_trainer(trainer, **options)
     assert handle.compaction.num_used < tiny_models.V and 2 in handle.used_ids.tolist()  # TRL's appended EOS
     trainer.train()  # PemaCallback restores the model at the end
-    reference = _sft(baseline, tmp_path / "baseline")
+    reference = _sft(baseline, tmp_path / "baseline", data=data, **config)
     tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     got, want = tiny_trl.logged(trainer, *METRICS), tiny_trl.logged(reference, *METRICS)
@@ -183,3 +194,34 @@ def test_dpo_under_peft_takes_its_reference_from_the_original_rows(tmp_path):
     keys = ("loss", "rewards/chosen", "rewards/rejected")
     torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
                                torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+
+
+def test_another_packages_forward_reading_the_head_is_refused(tmp_path):
+    """Liger's and Unsloth's fused cross-entropy replace the model's forward with one that multiplies by
+    lm_head.weight; on a compacted model it raises before a loss exists (a forward of that package's module here,
+    as installing it patches one in)."""
+    import types
+
+    model = tiny_trl.model()
+    used, ids = tiny_models.used_ids_and_batch(model)
+    replace_embeddings(model, used)
+    namespace = {"__name__": "liger_kernel.transformers.model.llama"}
+    exec("def lce_forward(self, input_ids=None, labels=None, **kwargs):\n    return self.lm_head.weight", namespace)
+    model.forward = types.MethodType(namespace["lce_forward"], model)
+    with pytest.raises(CompactWeightError, match="comes from 'liger_kernel'"):
+        model(input_ids=ids, labels=ids)
+
+
+def test_a_plain_trainer_is_compacted_to_its_datasets_ids(tmp_path):
+    import transformers
+
+    model = tiny_trl.model()
+    used, _ = tiny_models.used_ids_and_batch(model)
+    data = tiny_models.token_dataset(used, 8)
+    trainer = transformers.Trainer(model=model, args=tiny_models.trainer_args(tmp_path, max_steps=2),
+                                   train_dataset=data, eval_dataset={"a": data.select(range(4))})
+    handle = compact_trainer(trainer)
+    in_data = {i for row in data["input_ids"] for i in row}
+    assert set(handle.used_ids.tolist()) == in_data  # no tokenizer: no special ids beyond the data's
+    trainer.train()
+    assert get_handle(model) is None  # PemaCallback restored it

@@ -38,6 +38,14 @@ def sft_data(rows: int = 8, high: int = 60):
     return datasets.Dataset.from_dict({"text": [_words(gen, 10, high) for _ in range(rows)]})
 
 
+def prompt_completion_data(rows: int = 8):
+    import datasets
+
+    gen = torch.Generator().manual_seed(2)
+    return datasets.Dataset.from_dict({"prompt": [_words(gen, 5, 60) for _ in range(rows)],
+                                       "completion": [" " + _words(gen, 4, 60) for _ in range(rows)]})
+
+
 def dpo_data(rows: int = 8):
     import datasets
 
