@@ -27,7 +27,8 @@ import torch
 from .errors import CompactWeightError, UnsupportedModuleError
 from .ops.linear_log_probs import compact_linear_log_probs
 
-__all__ = ["CompactChunkedNLL", "CompactFusedLMHead", "adapt_head_readers", "refuse_foreign_head_readers"]
+__all__ = ["CompactChunkedNLL", "CompactFusedLMHead", "adapt_head_readers", "has_adapted_forward",
+           "refuse_foreign_head_readers"]
 
 # Packages whose forwards multiply by lm_head.weight directly (TRL's fused head and chunked CE, Liger's and Unsloth's
 # fused linear cross-entropy, Cut Cross-Entropy's patch).
@@ -61,6 +62,11 @@ def _forwards(model):
 def _package(forward) -> str:
     func = getattr(forward, "__func__", forward)
     return getattr(func, "__globals__", {}).get("__name__", "").partition(".")[0]
+
+
+def has_adapted_forward(model) -> bool:
+    """Whether `model`'s forward is one of pema's adapters (which take the labels themselves)."""
+    return any(isinstance(forward, _CompactHeadForward) for forward in _forwards(model))
 
 
 def _foreign_reader(model) -> str | None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NoLogitsError, PemaError, UnsupportedModuleError
+from .fused_lm_head import has_adapted_forward
 from .id_check import LabelCheck
 from .model_patches import arguments_by_name
 from .ops.linear_cross_entropy import compact_linear_cross_entropy
@@ -153,8 +154,8 @@ def _take_labels(head, model, args, kwargs):
     """Forward pre-hook: in training (or while probing), labels become the head's targets, not the model's."""
     call = head.fused_call
     call.reset()
-    if not (model.training or call.probing) or kwargs.get("fused_lm_head"):
-        return None  # TRL's fused head (pema_triton.fused_lm_head) takes the labels itself
+    if not (model.training or call.probing) or has_adapted_forward(model):
+        return None  # TRL's forward, adapted (pema_triton.fused_lm_head), takes the labels itself
     if "labels" not in kwargs and args:
         args, kwargs = arguments_by_name(model, args, kwargs)
     labels = kwargs.pop("labels", None)

@@ -54,7 +54,7 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
             with a reference model (DPO, KTO, GRPO with beta > 0), whose full-vocabulary log-probs would be compared
             with the policy's over U ids; an online trainer in `frozen` mode without `embed_unscanned=True`.
     """
-    _check_choices(trainer, output, embed_unscanned)
+    _check_choices(trainer, output, embed_unscanned, fused_loss)
     tokenizer = getattr(trainer, "processing_class", None)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor holds its tokenizer
     vocab_size = inner_model(trainer.model).get_input_embeddings().num_embeddings
@@ -72,7 +72,7 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
     return handle
 
 
-def _check_choices(trainer, output: str, embed_unscanned: bool) -> None:
+def _check_choices(trainer, output: str, embed_unscanned: bool, fused_loss: bool) -> None:
     if getattr(trainer, "optimizer", None) is not None:
         raise PemaError("the trainer's optimizer exists already and holds the full matrices; call compact_trainer "
                         "after building the trainer and before trainer.train()")
@@ -89,6 +89,9 @@ def _check_choices(trainer, output: str, embed_unscanned: bool) -> None:
             f"embed_unscanned=True (their frozen rows, no gradient: full fine-tuning with every unscanned row "
             f"frozen) or output='restricted' (generation confined to the scanned ids)"
         )
+    if fused_loss and _logits_path_trl(trainer):
+        raise PemaError(f"fused_loss=True under this TRL's {type(trainer).__name__}: it reads the model's logits for "
+                        f"its metrics, and a fused training step computes none; leave fused_loss off")
     if output == "restricted" and _logits_path_trl(trainer):
         raise PemaError(
             f"output='restricted' under this TRL's {type(trainer).__name__}: it computes its metrics from the model's "

@@ -41,7 +41,10 @@ def test_compact_trainer_is_exact_under_each_trl_behaviour(tmp_path, version):
     for got, want in zip(result["pema"], result["baseline"], strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert result["max_weight_difference"] < 1e-6
-    if restricted == "refused":
+    if restricted == "refused":  # the logits path: metrics read logits (U columns; none in a fused step)
         assert "computes its metrics from the model's logits" in result["restricted"]
+        assert "reads the model's logits for its metrics" in result["fused"]
     else:
         assert isinstance(result["restricted"], list) and len(result["restricted"]) == 2
+        for got, want in zip(result["fused"], result["baseline"], strict=True):  # fused_loss=True: the same run
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)

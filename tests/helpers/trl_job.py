@@ -4,7 +4,7 @@ folder first on PYTHONPATH, tests/ after it):
     python tests/helpers/trl_job.py OUTPUT_DIR RESULT_JSON
 
 Writes {"version", "pema", "baseline" (logged loss and accuracy per step), "max_weight_difference",
-"restricted" (logged values, or the refusal's message)}: `compact_trainer` against full training with the unused
+"fused" and "restricted" (logged values, or the refusal's message)}: `compact_trainer` against full training with the unused
 rows frozen, as tests/test_trl.py checks under the newest TRL.
 """
 
@@ -43,6 +43,13 @@ def main(output_dir: str, result_path: str) -> None:
     result["pema"], result["baseline"] = tiny_trl.logged(trainer, *KEYS), tiny_trl.logged(reference, *KEYS)
     state = baseline.state_dict()
     result["max_weight_difference"] = max((t - state[k]).abs().max().item() for k, t in model.state_dict().items())
+    fused = sft(tiny_trl.model(), f"{output_dir}/fused")
+    try:
+        compact_trainer(fused, fused_loss=True)
+        fused.train()
+        result["fused"] = tiny_trl.logged(fused, *KEYS)
+    except PemaError as err:
+        result["fused"] = str(err)
     restricted = sft(tiny_trl.model(), f"{output_dir}/restricted")
     try:
         compact_trainer(restricted, output="restricted")
