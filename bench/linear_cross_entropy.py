@@ -7,6 +7,9 @@ over BBC News, so the trainable rows are the ones a fine-tuning run would train)
 - `fused frozen` / `fused restricted`: pema_triton's fused loss (no logits, a [U, D] head gradient).
 - `F.linear_cross_entropy`: torch's fused loss over the full [V, D] head (a [V, D] gradient).
 - on a GPU, where installed: Liger's fused linear cross-entropy and Cut Cross-Entropy (both [V, D] gradients).
+- `log-probs frozen`: what TRL's SFT asks of its fused LM head (per-token log-probs, entropy, top-1) from pema's
+  `compact_linear_log_probs` on the `frozen` head (a [U, D] gradient), beside `TRL log-probs`, TRL's own
+  `ChunkedLogProbFunction` over the full head (a [V, D] gradient), where TRL is installed. Loss: the mean NLL.
 
 Each case runs in its own process: peak memory is the process's peak RSS above its resident memory before the
 first call on a CPU (measured in a second process whose allocator returns every block of 64 KiB or more on
@@ -49,7 +52,8 @@ SHAPES = [
     ("Llama-3-8B", "llama-3-8b", 128256, 4096, [4096, 16384]),
 ] if ON_GPU else [])
 PROVIDERS = ["unfused frozen", "restricted", "fused frozen", "fused restricted", "F.linear_cross_entropy",
-             "liger", "cut-cross-entropy"]
+             "liger", "cut-cross-entropy", "log-probs frozen", "TRL log-probs"]
+_TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks its fused head for
 if DRY_RUN:  # a check that the script runs (CI), every third id of a 4k vocabulary used: not a model's shape
     SHAPES, PROVIDERS = [("tiny (dry run)", None, 4096, 64, [64])], ["unfused frozen", "fused frozen"]
 
@@ -71,7 +75,7 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
     from pema_triton.ops import build_remap
 
     vocab_size, dim = full.shape
-    if provider in ("F.linear_cross_entropy", "liger", "cut-cross-entropy"):
+    if provider in ("F.linear_cross_entropy", "liger", "cut-cross-entropy", "TRL log-probs"):
         return {"weight": full.detach().clone().requires_grad_()}
     linear = torch.nn.Linear(dim, vocab_size, bias=False, device="meta")  # no transient [V, D] before the peak
     linear.weight = torch.nn.Parameter(full)
@@ -83,14 +87,17 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
 
 def _step(provider: str, held: dict, hidden, targets):
     """One forward + backward of `provider`; returns (loss, the head gradient's shape)."""
-    from pema_triton.ops import compact_linear_cross_entropy
+    from pema_triton.ops import compact_linear_cross_entropy, compact_linear_log_probs
 
     h = hidden.detach().requires_grad_()
     if "head" in held:
         head, frozen_mode = held["head"], held["mode"] == "frozen"
         head.weight.grad = None
         target = targets if frozen_mode else held["remap"][targets].long()
-        if provider.startswith("fused"):
+        if provider == "log-probs frozen":
+            loss = -compact_linear_log_probs(h, head.weight, head.frozen_weight, head.used_ids, target,
+                                             outputs=_TRL_OUTPUTS)["log_probs"].mean()
+        elif provider.startswith("fused"):
             frozen = head.frozen_weight if frozen_mode else head.weight
             loss = compact_linear_cross_entropy(h, head.weight, frozen, held["remap" if frozen_mode else "columns"],
                                                 target)
@@ -102,6 +109,11 @@ def _step(provider: str, held: dict, hidden, targets):
     weight.grad = None
     if provider == "F.linear_cross_entropy":
         loss = F.linear_cross_entropy(h, weight, targets)
+    elif provider == "TRL log-probs":
+        from trl.kernels import ChunkedLogProbFunction
+
+        log_probs = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, 32768, None, 1.0, _TRL_OUTPUTS)[0]
+        loss = -log_probs.mean()
     elif provider == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -157,6 +169,9 @@ def available(provider: str) -> bool:
             return False
         module = "liger_kernel" if provider == "liger" else "cut_cross_entropy"
         return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+    if provider == "TRL log-probs":
+        return subprocess.run([sys.executable, "-c", "from trl.kernels import ChunkedLogProbFunction"],
+                              capture_output=True).returncode == 0
     return provider != "F.linear_cross_entropy" or hasattr(F, "linear_cross_entropy")
 
 

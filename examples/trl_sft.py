@@ -8,12 +8,14 @@ Next to it, the exact baseline: the same SFT run on the uncompacted model with e
 by a gradient hook. PEMA must give the same losses (to fp32 round-off); it holds less training state.
 
     python examples/trl_sft.py                  # PEMA and the baseline, 6 AdamW steps each (~2 min on 2 CPU cores)
-    python examples/trl_sft.py --output restricted --no-baseline
+    python examples/trl_sft.py --output restricted --run pema
+    python examples/trl_sft.py --run baseline --json b.json   # one run a process: its peak RSS is its own
 """
 
 from __future__ import annotations
 
 import os
+import resource
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no GGUF de-quantisation or map bars
 
@@ -28,7 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from assets import load_bbc_news, smollm2_dir  # noqa: E402
 
-from pema_triton.hf import PemaCallback, compact_trainer  # noqa: E402
+from pema_triton.hf import PemaCallback, compact_trainer, trainer_used_ids  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--output", choices=("frozen", "restricted"), default="frozen")
     parser.add_argument("--fused-loss", action="store_true", help="pema's fused loss outside TRL's own calls too")
-    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--run", choices=("both", "pema", "baseline"), default="both")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args(argv)
 
@@ -85,36 +87,52 @@ def callback_of(trainer):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, PemaCallback))
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    tokenizer, model = load_model()
-    (texts, _), _, _ = load_bbc_news(args.articles, 0, seed=0)
-    baseline_model = copy.deepcopy(model) if args.baseline else None
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = sft_trainer(model, tokenizer, texts, args, f"{tmp}/pema")
-        handle = compact_trainer(trainer, output=args.output, fused_loss=args.fused_loss)
-        print(f"compacted: U = {handle.num_used:,} of V = {handle.vocab_size:,} rows "
-              f"({handle.num_used / handle.vocab_size:.1%}), output={args.output}")
-        trainer.train()
-        result = {"args": vars(args), "pema": {"losses": losses(trainer), **callback_of(trainer).summary()}}
-        if args.baseline:
-            reference = sft_trainer(baseline_model, tokenizer, texts, args, f"{tmp}/baseline")
-            reference.add_callback(PemaCallback())
-            freeze_rows_outside(baseline_model, handle.used_ids)
-            reference.train()
-            result["baseline"] = {"losses": losses(reference), **callback_of(reference).summary()}
-    print(f"\n{'step':>4} {'PEMA loss':>10}" + (f" {'baseline':>10} {'|diff|':>9}" if args.baseline else ""))
-    for step, loss in enumerate(result["pema"]["losses"], 1):
-        row = f"{step:>4} {loss:>10.5f}"
-        if args.baseline:
-            want = result["baseline"]["losses"][step - 1]
-            row += f" {want:>10.5f} {abs(loss - want):>9.2e}"
-        print(row)
-    for name in ("pema", "baseline") if args.baseline else ("pema",):
+def run_pema(model, tokenizer, texts, args, folder) -> dict:
+    trainer = sft_trainer(model, tokenizer, texts, args, folder)
+    handle = compact_trainer(trainer, output=args.output, fused_loss=args.fused_loss)
+    print(f"compacted: U = {handle.num_used:,} of V = {handle.vocab_size:,} rows "
+          f"({handle.num_used / handle.vocab_size:.1%}), output={args.output}")
+    trainer.train()
+    return {"losses": losses(trainer), **callback_of(trainer).summary()}
+
+
+def run_baseline(model, tokenizer, texts, args, folder) -> dict:
+    trainer = sft_trainer(model, tokenizer, texts, args, folder)
+    trainer.add_callback(PemaCallback())  # it measures an uncompacted run the same way
+    freeze_rows_outside(model, trainer_used_ids(trainer))  # the ids compact_trainer keeps
+    trainer.train()
+    return {"losses": losses(trainer), **callback_of(trainer).summary()}
+
+
+def report(result: dict) -> None:
+    runs = [name for name in ("pema", "baseline") if name in result]
+    print(f"\n{'step':>4}" + "".join(f" {name + ' loss':>14}" for name in runs) + (" |diff|" if len(runs) == 2 else ""))
+    for step, row in enumerate(zip(*(result[name]["losses"] for name in runs)), 1):
+        print(f"{step:>4}" + "".join(f" {loss:>14.5f}" for loss in row) + (f" {abs(row[0] - row[1]):.2e}"
+                                                                           if len(row) == 2 else ""))
+    for name in runs:
         state = result[name]
         print(f"{name:>8}: training state {state['training_state_bytes'] / 2**20:,.0f} MiB (weights "
               f"{state['weights_bytes'] / 2**20:,.0f}, gradients {state['gradients_bytes'] / 2**20:,.0f}, optimizer "
               f"{state['optimizer_bytes'] / 2**20:,.0f}), {state['mean_step_seconds']:.2f} s/step")
+    print(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    tokenizer, model = load_model()
+    (texts, _), _, _ = load_bbc_news(args.articles, 0, seed=0)
+    result = {"args": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run == "both":
+            baseline_model = copy.deepcopy(model)
+        if args.run in ("both", "pema"):
+            result["pema"] = run_pema(model, tokenizer, texts, args, f"{tmp}/pema")
+        if args.run in ("both", "baseline"):
+            result["baseline"] = run_baseline(model if args.run == "baseline" else baseline_model, tokenizer, texts,
+                                              args, f"{tmp}/baseline")
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    report(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -17,10 +17,10 @@ from .errors import PemaError
 from .handle import get_handle
 from .ops.remap import validate_used_ids
 from .replace import restore_embeddings
-from .trainers import compact_trainer
+from .trainers import compact_trainer, trainer_used_ids
 from .wrappers import is_peft_model, route_peft_saves
 
-__all__ = ["PemaCallback", "UsedVocabularyCollator", "compact_trainer", "original_id_predictions"]
+__all__ = ["PemaCallback", "UsedVocabularyCollator", "compact_trainer", "original_id_predictions", "trainer_used_ids"]
 
 
 def _bytes(tensors) -> int:

@@ -17,7 +17,7 @@ from .replace import replace_embeddings
 from .vocab import scan_vocabulary, special_token_ids
 from .wrappers import inner_model
 
-__all__ = ["ID_COLUMNS", "compact_trainer"]
+__all__ = ["ID_COLUMNS", "compact_trainer", "trainer_used_ids"]
 
 # Columns of token ids in the datasets trainers feed (transformers' and TRL's, after their tokenization).
 ID_COLUMNS = ("input_ids", "labels", "completion_input_ids", "prompt_input_ids", "chosen_input_ids",
@@ -55,12 +55,7 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
             with the policy's over U ids; an online trainer in `frozen` mode without `embed_unscanned=True`.
     """
     _check_choices(trainer, output, embed_unscanned, fused_loss)
-    tokenizer = getattr(trainer, "processing_class", None)
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor holds its tokenizer
-    vocab_size = inner_model(trainer.model).get_input_embeddings().num_embeddings
-    used = _scan(trainer, vocab_size, columns)
-    kept = set(keep) | (set(special_token_ids(tokenizer)) if tokenizer is not None else set())
-    used = torch.unique(torch.cat([used, torch.tensor(sorted(kept), dtype=used.dtype)]))
+    used = trainer_used_ids(trainer, keep=keep, columns=columns)
     handle = replace_embeddings(trainer.model, used, output=output, fused_loss=fused_loss, **options)
     if embed_unscanned:
         embed_unused_ids(handle)
@@ -70,6 +65,17 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
         if not any(isinstance(c, PemaCallback) for c in trainer.callback_handler.callbacks):
             trainer.add_callback(PemaCallback())
     return handle
+
+
+def trainer_used_ids(trainer, *, keep=(), columns=None) -> torch.Tensor:
+    """The sorted ids `compact_trainer` keeps for `trainer`: those its datasets feed (see there), the tokenizer's
+    special ids and `keep`. For a baseline that freezes the other rows, or a look before compacting."""
+    tokenizer = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor holds its tokenizer
+    vocab_size = inner_model(trainer.model).get_input_embeddings().num_embeddings
+    used = _scan(trainer, vocab_size, columns)
+    kept = set(keep) | (set(special_token_ids(tokenizer)) if tokenizer is not None else set())
+    return torch.unique(torch.cat([used, torch.tensor(sorted(kept), dtype=used.dtype)]))
 
 
 def _check_choices(trainer, output: str, embed_unscanned: bool, fused_loss: bool) -> None:

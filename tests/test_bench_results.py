@@ -23,9 +23,10 @@ def bench_modules():
         import linear_cross_entropy
         import peer_methods
         import scan_cases
+        import trl_sft
 
         yield {"harness": harness, "kernel_cases": kernel_cases, "linear_cross_entropy": linear_cross_entropy,
-               "peer_methods": peer_methods, "scan_cases": scan_cases}
+               "peer_methods": peer_methods, "scan_cases": scan_cases, "trl_sft": trl_sft}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -76,6 +77,14 @@ def test_linear_cross_entropy_results_name_todays_providers_and_render_as_commit
     assert {row["provider"] for row in result["rows"]} <= set(module.PROVIDERS)
     table = module.table(result["rows"])
     assert "\n".join(table) in (RESULTS / "linear_cross_entropy_cpu.md").read_text()
+
+
+def test_trl_sft_results_render_as_committed_and_agree_with_their_baseline(bench_modules):
+    result = _load("trl_sft_cpu.json")
+    assert bench_modules["trl_sft"].render(result) == (RESULTS / "trl_sft_cpu.md").read_text()
+    for got, want in zip(result["pema"]["losses"], result["baseline"]["losses"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert result["pema"]["optimizer_bytes"] < result["baseline"]["optimizer_bytes"]
 
 
 def test_peer_results_name_todays_methods(bench_modules):

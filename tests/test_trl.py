@@ -100,24 +100,30 @@ def test_a_model_compacted_before_the_trainer_is_refused_before_any_step(tmp_pat
     assert_state(model, before)
 
 
-def test_dpo_equals_full_training_with_the_unused_rows_frozen(tmp_path):
-    """DPO with an explicit reference model, which stays uncompacted: the reference log-probs are exact."""
-    model, reference_model = tiny_trl.model(), tiny_trl.model()
+@pytest.mark.parametrize("reference, fused_loss", [("explicit", False), ("from-path", True)])
+def test_dpo_equals_full_training_with_the_unused_rows_frozen(tmp_path, reference, fused_loss):
+    """The reference model stays uncompacted, so its log-probs are exact: passed explicitly, or (ref_model=None
+    without PEFT) loaded by TRL from the policy's own path."""
+    model = tiny_trl.model()
+    model.save_pretrained(tmp_path / "policy")
+    model.config._name_or_path = str(tmp_path / "policy")
     baseline = copy.deepcopy(model)
 
     def dpo(policy, folder):
-        return trl.DPOTrainer(model=policy, ref_model=copy.deepcopy(reference_model), train_dataset=tiny_trl.dpo_data(),
+        ref = copy.deepcopy(policy) if reference == "explicit" else None
+        return trl.DPOTrainer(model=policy, ref_model=ref, train_dataset=tiny_trl.dpo_data(),
                               args=tiny_trl.config("dpo", folder), processing_class=tiny_trl.tokenizer())
 
     trainer = dpo(model, tmp_path / "pema")
-    handle = compact_trainer(trainer)
+    assert get_handle(trainer.ref_model) is None and trainer.ref_model is not model
+    handle = compact_trainer(trainer, fused_loss=fused_loss)
     trainer.train()
-    reference = dpo(baseline, tmp_path / "baseline")
+    reference_run = dpo(baseline, tmp_path / "baseline")
     tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
-    reference.train()
+    reference_run.train()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen")
     torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
-                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+                               torch.tensor(tiny_trl.logged(reference_run, *keys)), rtol=1e-5, atol=1e-6)
     for name, tensor in baseline.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
