@@ -36,6 +36,7 @@ from .ops import (
     scan_ids,
 )
 from .replace import replace_embeddings, restore_embeddings
+from .sizing import estimate
 from .trim import save_trimmed
 from .vocab import VocabularyScan, scan_vocabulary, special_token_ids
 
@@ -68,6 +69,7 @@ __all__ = [
     "build_remap",
     "compact_embedding",
     "compact_embedding_backward",
+    "estimate",
     "get_handle",
     "replace_embeddings",
     "resolve_backend",

@@ -139,8 +139,9 @@ class CompactEmbedding(nn.Embedding):
         self.register_buffer("bad_id_count", torch.zeros(1, dtype=torch.int32, device=full_weight.device),
                              persistent=False)
         self.bad_id_watch = BadIdWatch()
-        # Looked up once here: reading remap[padding_idx] in forward is a device-to-host sync every step.
-        self.padding_row = -1 if self.padding_idx is None else int(self.remap[self.padding_idx])
+        # Looked up once here, from the CPU ids: reading remap[padding_idx] in forward is a device-to-host sync every
+        # step, and a meta-device remap (pema_triton.estimate) holds no values.
+        self.padding_row = -1 if self.padding_idx is None else compaction.row_of(self.padding_idx)
         self.unused_rows = None
 
     @property

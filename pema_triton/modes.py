@@ -197,6 +197,8 @@ class RestrictedHead(OutputMode):
     def patch_model(self, handle):
         """Logit biases sliced to U, `config.vocab_size` U, labels remapped to compact columns, and V columns
         (with `config.vocab_size` V) during `generate()` and `save_pretrained()`."""
+        if not handle.heads:
+            return  # a model without an output embedding (BertModel): only its input was compacted
         handle.heads[0].label_check.mode = LabelCheck.mode_for(handle.embeddings[0].check_ids)
         _refuse_readers_of_the_head_weight(handle)
         slice_logit_biases(handle)

@@ -197,6 +197,11 @@ class Compaction:
         except UsedIdsError as err:
             raise UsedIdsError(f"{path}: {err}") from None
 
+    def row_of(self, token_id: int) -> int:
+        """The compact row of `token_id`, or -1 where it is not used (read on the CPU: no device sync)."""
+        row = int(torch.searchsorted(self.used_ids, token_id))
+        return row if row < self.num_used and int(self.used_ids[row]) == token_id else -1
+
     def remap(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The [V] int32 remap table on `device`."""
         return build_remap(self.used_ids.to(device), self.vocab_size)

@@ -4,8 +4,8 @@ folder first on PYTHONPATH, tests/ after it):
     python tests/helpers/trl_job.py OUTPUT_DIR RESULT_JSON
 
 Writes {"version", "pema", "baseline" (logged loss and accuracy per step), "max_weight_difference",
-"fused" and "restricted" (logged values, or the refusal's message)}: `compact_trainer` against full training with the unused
-rows frozen, as tests/test_trl.py checks under the newest TRL.
+"fused" and "restricted" (logged values, or the refusal's message)}: `compact_trainer` against full training with
+the unused rows frozen, as tests/test_trl.py checks under the newest TRL.
 """
 
 import copy
