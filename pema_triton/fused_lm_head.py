@@ -21,6 +21,7 @@ of 3.63 under TRL 1.16, with no error.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -117,6 +118,11 @@ class _CompactHeadForward:
         if settings.get("final_logit_softcapping") is not None or settings.get("logit_scale", 1.0) != 1.0:
             raise UnsupportedModuleError("TRL's fused head on a model with logit soft-capping or scaling is not "
                                          "supported by the compact head")
+        if any(getattr(head, "bias", None) is not None for head in handle.heads):
+            raise UnsupportedModuleError("TRL's fused head on a model whose LM head has a bias (Phi, GPT-J, CodeGen) "
+                                         "is not supported by the compact head; compact with output=None")
+        # generate() validates its keywords against the forward's signature, which TRL kept the model's own.
+        self.__signature__ = inspect.signature(trl_forward)
         self.settings = settings
         self.text_config = settings.get("text_config", handle.model.config)
 

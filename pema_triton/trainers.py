@@ -82,6 +82,13 @@ def _check_choices(trainer, output: str, embed_unscanned: bool, fused_loss: bool
     if getattr(trainer, "optimizer", None) is not None:
         raise PemaError("the trainer's optimizer exists already and holds the full matrices; call compact_trainer "
                         "after building the trainer and before trainer.train()")
+    adapters = getattr(trainer.model, "peft_config", {})
+    if "ref" in adapters:
+        raise PemaError(
+            f"{type(trainer).__name__} keeps its reference as the PEFT adapter 'ref' (training went on from an "
+            f"existing adapter): switching to it would keep the trained embedding rows, so the reference would move "
+            f"with the policy; pass an explicit ref_model, or start from the base model with peft_config"
+        )
     if output == "restricted" and _has_reference(trainer):
         raise PemaError(
             f"output='restricted' under {type(trainer).__name__}: the policy's log-probs would be a softmax over the "

@@ -264,3 +264,14 @@ def _original_compact_rows(handle):
     finally:
         for compact, trained in swapped:
             compact.data = trained
+        _refresh_frozen_rows(handle)
+
+
+def _refresh_frozen_rows(handle) -> None:
+    """A `frozen` head's [V, D] buffer holds the rows of its last forward, and a backward still to come (the
+    policy's, after DPO's reference pass) recomputes its logits from it: the trained rows go back in."""
+    for head in handle.heads:
+        frozen = handle.output_mode.frozen_rows(head)
+        if frozen is not None:
+            with torch.no_grad():
+                frozen.index_copy_(0, head.used_ids, head.weight.to(frozen.dtype))

@@ -10,7 +10,7 @@ import torch
 
 from helpers import tiny_models, tiny_trl
 from helpers.state import assert_state, snapshot
-from pema_triton import CompactWeightError, PemaError, get_handle, replace_embeddings
+from pema_triton import CompactWeightError, PemaError, UnsupportedModuleError, get_handle, replace_embeddings
 
 trl = pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -181,15 +181,17 @@ def test_dpo_under_peft_takes_its_reference_from_the_original_rows(tmp_path):
     """`ref_model=None` under PEFT: the reference is the policy with its adapter disabled. The compact rows train
     in place (no adapter holds them), so within `disable_adapter()` they read the original rows: the same run as
     PEFT training the full matrices as modules_to_save copies (whose originals the reference uses), unused rows
-    frozen. Without that, step 2's loss was 0.69314 instead of 0.69272."""
+    frozen. Without that, step 2's loss was 0.69314 instead of 0.69272; and the reference pass, run between the
+    policy's forward and backward, must leave the frozen head's buffer holding the trained rows again."""
     peft = pytest.importorskip("peft")
     model = tiny_trl.model()
     baseline = copy.deepcopy(model)
 
-    def dpo(policy, folder, **lora):
+    def dpo(policy, folder, **lora):  # 4 steps: a reference pass that left its rows behind showed from step 3
         config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **lora)
-        return trl.DPOTrainer(model=policy, args=tiny_trl.config("dpo", folder), train_dataset=tiny_trl.dpo_data(),
-                              processing_class=tiny_trl.tokenizer(), peft_config=config)
+        return trl.DPOTrainer(model=policy, args=tiny_trl.config("dpo", folder, max_steps=4),
+                              train_dataset=tiny_trl.dpo_data(16), processing_class=tiny_trl.tokenizer(),
+                              peft_config=config)
 
     trainer = dpo(model, tmp_path / "pema")
     handle = compact_trainer(trainer)
@@ -200,6 +202,12 @@ def test_dpo_under_peft_takes_its_reference_from_the_original_rows(tmp_path):
     keys = ("loss", "rewards/chosen", "rewards/rejected")
     torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
                                torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+    # The adapters the two runs trained (the rewards, differences of log-prob sums near -23, hide 1e-7 errors).
+    want = {n: p for n, p in reference.model.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert got.keys() == want.keys() and got
+    for name, param in got.items():
+        torch.testing.assert_close(param, want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_another_packages_forward_reading_the_head_is_refused(tmp_path):
@@ -231,3 +239,40 @@ def test_a_plain_trainer_is_compacted_to_its_datasets_ids(tmp_path):
     assert set(handle.used_ids.tolist()) == in_data  # no tokenizer: no special ids beyond the data's
     trainer.train()
     assert get_handle(model) is None  # PemaCallback restored it
+
+
+def test_refusals_for_a_biased_head_and_a_peft_reference_adapter(tmp_path):
+    """TRL's fused head adds lm_head.bias, which the compact head does not (refused, model untouched); a
+    PeftModel given to DPOTrainer keeps its reference as the adapter 'ref', which would see the trained rows."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    from trl.trainer.utils import add_fused_lm_head
+
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(vocab_size=tiny_models.V, hidden_size=32,
+                                                             intermediate_size=37, num_hidden_layers=1,
+                                                             num_attention_heads=2))
+    add_fused_lm_head(phi)
+    before = snapshot(phi)
+    with pytest.raises(UnsupportedModuleError, match="LM head has a bias"):
+        replace_embeddings(phi, torch.arange(60))
+    assert_state(phi, before) and get_handle(phi) is None
+    policy = peft.get_peft_model(tiny_trl.model(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    trainer = trl.DPOTrainer(model=policy, args=tiny_trl.config("dpo", tmp_path), train_dataset=tiny_trl.dpo_data(),
+                             processing_class=tiny_trl.tokenizer())
+    with pytest.raises(PemaError, match="reference as the PEFT adapter 'ref'"):
+        compact_trainer(trainer)
+
+
+def test_generation_sees_the_forwards_signature(tmp_path):
+    """generate() reads the forward's parameters to build an attention mask from the padding: the adapter shows
+    TRL's (the model's own), so a left-padded batch without a mask decodes as the uncompacted model does."""
+    import inspect
+
+    model = tiny_trl.model().eval()
+    plain = copy.deepcopy(model)
+    compact_trainer(_sft(model, tmp_path / "pema"), callback=False)
+    _sft(plain, tmp_path / "plain")  # TRL's forward on the uncompacted copy
+    assert "attention_mask" in inspect.signature(model.forward).parameters
+    ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 5]])  # 1 is the pad id, on the left
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
+    assert torch.equal(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
