@@ -105,7 +105,7 @@ class _CompactHeadForward:
     shifted labels from pema's head."""
 
     needs: tuple[str, ...] = ()  # closure names the adapted TRL forward must have
-    backbone_attr = "base_model"
+    backbone_attr = "base_model"  # TRL's fused head says which in its closure; 1.14's chunked forward uses this
     temperature, fp32_head = 1.0, False
 
     def __init__(self, handle, trl_forward):
@@ -133,7 +133,8 @@ class _CompactHeadForward:
         labels = (shift_labels if shift_labels is not None else labels[:, 1:]).to(head.weight.device)
         mask = labels != -100
         scored = hidden.to(head.weight.device)[mask]
-        full_weight, used = _full_head(head)
+        full_weight = head.refreshed_frozen_rows()  # None in `restricted`: the trainable rows are the whole head
+        used = None if full_weight is None else head.used_ids
         # TRL's cast_lm_head_to_fp32: the head in fp32, outside autocast; otherwise the autocast dtype, if any.
         with torch.autocast(scored.device.type, enabled=False) if self.fp32_head else contextlib.nullcontext():
             stats = compact_linear_log_probs(scored.float() if self.fp32_head else scored, head.weight, full_weight,
@@ -148,17 +149,6 @@ class _CompactHeadForward:
         aux = load_balancing_loss_func(backbone.router_logits, config.num_experts, config.num_experts_per_tok,
                                        attention_mask)
         return aux, getattr(config, "router_aux_loss_coef", 0.0) * aux
-
-
-def _full_head(head):
-    """The [V, D] head (its used rows refreshed from the trainable ones) and the used ids; (None, None) where the
-    trainable rows are the whole head (`restricted`)."""
-    frozen = head.output_mode.frozen_rows(head)
-    if frozen is None:
-        return None, None
-    with torch.no_grad():
-        frozen.index_copy_(0, head.used_ids, head.weight)
-    return frozen, head.used_ids
 
 
 class CompactFusedLMHead(_CompactHeadForward):
@@ -208,8 +198,8 @@ class CompactChunkedNLL(_CompactHeadForward):
         kwargs.pop("use_cache", None)
         if output_router_logits:
             kwargs["output_router_logits"] = True
-        backbone = self.handle.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                                **kwargs)
+        backbone = getattr(self.handle.model, self.backbone_attr)(input_ids=input_ids, attention_mask=attention_mask,
+                                                                   use_cache=False, **kwargs)
         per_token, mask = self._per_token(backbone, labels, shift_labels, ("entropy", "is_top1"))
         valid = mask.sum()
         loss = -per_token["log_probs"].sum() / (valid.clamp(min=1) if num_items_in_batch is None

@@ -169,7 +169,7 @@ class PemaHandle:
         `where_the_original_trained`, only those whose full original trained at replace time (PEFT froze them
         after). Returns how many it made trainable."""
         made_trainable = []
-        for kept, param in self._kept_and_compact():
+        for kept, param in self.kept_and_compact():
             if param is None or param.requires_grad:
                 continue  # no such Parameter, or trainable already (a tied head's weight is the embedding's)
             if where_the_original_trained and (kept is None or not kept.param.requires_grad):
@@ -266,12 +266,12 @@ class PemaHandle:
         a restore stopped part-way would leave the model neither compacted nor whole."""
         # A model planned on the meta device (its full matrices too) has nothing to lose: it restores.
         if any(p is not None and p.is_meta and kept is not None and not kept.param.is_meta
-               for kept, p in self._kept_and_compact()):
+               for kept, p in self.kept_and_compact()):
             raise PemaError(f"{type(self.model).__name__}'s compact rows are on the meta device: their trained values "
                             f"are gone, so there is nothing to merge back; the model stays compacted. Move a copy "
                             f"with real weights (or the model before .to('meta')) and restore that")
 
-    def _kept_and_compact(self) -> list[tuple[KeptMatrix | None, nn.Parameter | None]]:
+    def kept_and_compact(self) -> list[tuple[KeptMatrix | None, nn.Parameter | None]]:
         """(kept full matrix, compact Parameter) of the input embedding, the head's weight and its bias; either side
         None where there is none (a tied head's weight is the embedding's: its kept side is None)."""
         head = self.heads[0] if self.heads else None
@@ -285,7 +285,7 @@ class PemaHandle:
             self._undo_steps.pop()()
         for kept in (self.kept_input, self.kept_head_weight, self.kept_head_bias):
             unmark_stale(kept.param if kept is not None else None)
-        for kept, compact in self._kept_and_compact():
+        for kept, compact in self.kept_and_compact():
             if kept is not None:
                 kept.follow(compact)
         self._uncompact_heads(merge)

@@ -140,6 +140,16 @@ class CompactLMHead(nn.Linear):
         full = logits.new_full((*logits.shape[:-1], self.num_embeddings), torch.finfo(logits.dtype).min)
         return full.index_copy(-1, self.used_ids, logits)
 
+    def refreshed_frozen_rows(self) -> torch.Tensor | None:
+        """The mode's [V, D] frozen matrix with its used rows rewritten from `weight`: the matrix the head's forward
+        multiplies by, for code that computes with the whole head (pema_triton.fused_lm_head). None where the mode
+        keeps no frozen rows (`restricted`)."""
+        frozen = self.output_mode.frozen_rows(self)
+        if frozen is not None:
+            with torch.no_grad():
+                frozen.index_copy_(0, self.used_ids, self.weight.to(frozen.dtype))
+        return frozen
+
     def merge_into(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Writes the trained rows (and bias entries) into `full_weight` [V, D] / `full_bias` [V] in place."""
         merge_rows(full_weight, self.used_ids, self.weight, self.num_embeddings, "full_weight")

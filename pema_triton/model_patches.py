@@ -60,9 +60,9 @@ def kept_matrices_follow_dtype(handle):
     through every cast (fp32 -> bf16 -> fp32 loses their low bits); the restored model's must have too, so that
     restore gives what the uncompacted model would hold after the same calls, not rows that skipped a cast."""
     # Read again after: a conversion may put new Parameter objects in (swap_module_params_on_conversion).
-    before = [None if compact is None else compact.dtype for _, compact in handle._kept_and_compact()]
+    before = [None if compact is None else compact.dtype for _, compact in handle.kept_and_compact()]
     yield
-    for (kept, compact), dtype in zip(handle._kept_and_compact(), before):
+    for (kept, compact), dtype in zip(handle.kept_and_compact(), before):
         if kept is not None and compact is not None and compact.dtype not in (dtype, kept.param.dtype):
             kept.param.data = kept.param.data.to(compact.dtype)
 

@@ -249,7 +249,7 @@ class _DisableAdapter:
 def _original_compact_rows(handle):
     """Within the block the compact Parameters hold the original rows (from the kept full matrices)."""
     swapped = []
-    for kept, compact in handle._kept_and_compact():
+    for kept, compact in handle.kept_and_compact():
         if kept is None or compact is None or not compact.requires_grad:
             continue  # untrained rows are the original ones already; a tied head's weight is the embedding's
         if torch.is_grad_enabled():
@@ -264,14 +264,7 @@ def _original_compact_rows(handle):
     finally:
         for compact, trained in swapped:
             compact.data = trained
-        _refresh_frozen_rows(handle)
-
-
-def _refresh_frozen_rows(handle) -> None:
-    """A `frozen` head's [V, D] buffer holds the rows of its last forward, and a backward still to come (the
-    policy's, after DPO's reference pass) recomputes its logits from it: the trained rows go back in."""
-    for head in handle.heads:
-        frozen = handle.output_mode.frozen_rows(head)
-        if frozen is not None:
-            with torch.no_grad():
-                frozen.index_copy_(0, head.used_ids, head.weight.to(frozen.dtype))
+        # A `frozen` head's [V, D] buffer holds the rows of its last forward, and a backward still to come (the
+        # policy's, after DPO's reference pass) recomputes its logits from it: the trained rows go back in.
+        for head in handle.heads:
+            head.refreshed_frozen_rows()

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_models, tiny_trl
+from helpers import tiny_models, tiny_trl, training
 from helpers.state import assert_state, snapshot
 from pema_triton import CompactWeightError, PemaError, UnsupportedModuleError, get_handle, replace_embeddings
 
@@ -53,7 +53,7 @@ def test_sft_equals_full_training_with_the_unused_rows_frozen(tmp_path, case):
     assert handle.compaction.num_used < tiny_models.V and 2 in handle.used_ids.tolist()  # TRL's appended EOS
     trainer.train()  # PemaCallback restores the model at the end
     reference = _sft(baseline, tmp_path / "baseline", data=data, **config)
-    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     got, want = tiny_trl.logged(trainer, *METRICS), tiny_trl.logged(reference, *METRICS)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
@@ -119,7 +119,7 @@ def test_dpo_equals_full_training_with_the_unused_rows_frozen(tmp_path, referenc
     handle = compact_trainer(trainer, fused_loss=fused_loss)
     trainer.train()
     reference_run = dpo(baseline, tmp_path / "baseline")
-    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    training.freeze_rows_outside(baseline, handle.used_ids)
     reference_run.train()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen")
     torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
@@ -168,7 +168,7 @@ def test_grpo_with_unscanned_completion_ids_equals_full_training_with_those_rows
     trainer.train()
     assert set(seen) - set(handle.used_ids.tolist())  # completions did reach unscanned ids
     reference = _grpo(baseline, tmp_path / "baseline", reward)
-    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "reward", "entropy")
     torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
@@ -197,7 +197,7 @@ def test_dpo_under_peft_takes_its_reference_from_the_original_rows(tmp_path):
     handle = compact_trainer(trainer)
     trainer.train()
     reference = dpo(baseline, tmp_path / "baseline", modules_to_save=["embed_tokens", "lm_head"])
-    tiny_trl.freeze_rows_outside(reference.model.get_base_model(), handle.used_ids)
+    training.freeze_rows_outside(reference.model.get_base_model(), handle.used_ids)
     reference.train()
     keys = ("loss", "rewards/chosen", "rewards/rejected")
     torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),

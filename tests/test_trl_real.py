@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import real_assets
+from helpers import real_assets, training
 from helpers.real_assets import EXAMPLES
 
 pytestmark = pytest.mark.slow  # real SmolLM2 training steps on CPU
@@ -63,7 +63,7 @@ def test_dpo_on_real_text_equals_full_training_with_the_unused_rows_frozen(tmp_p
     handle = compact_trainer(trainer)
     trainer.train()
     reference = dpo(baseline, tmp_path / "baseline")
-    _example().freeze_rows_outside(baseline, handle.used_ids)
+    training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen")
     torch.testing.assert_close(_logged(trainer, *keys), _logged(reference, *keys), rtol=1e-4, atol=1e-5)
@@ -90,7 +90,7 @@ def test_a_short_grpo_run_on_real_prompts_equals_its_baseline(tmp_path):
     trainer.train()
     assert set(seen) - set(handle.used_ids.tolist())  # the completions reached unscanned ids
     reference = grpo(baseline, tmp_path / "baseline")
-    _example().freeze_rows_outside(baseline, handle.used_ids)
+    training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "reward")
     torch.testing.assert_close(_logged(trainer, *keys), _logged(reference, *keys), rtol=1e-4, atol=1e-5)

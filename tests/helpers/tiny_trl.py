@@ -1,6 +1,6 @@
 """TRL trainers on the tiny models: a word-level tokenizer over their V = 97 ids ("<unk>" 0, "<pad>" 1, "<eos>" 2,
-"<bos>" 3, then "t4" ... "t96"), SFT and DPO data as text, quiet fp32 configs, and the baseline PEMA must equal:
-the uncompacted model trained with every row outside the used ids frozen."""
+"<bos>" 3, then "t4" ... "t96"), SFT and DPO data as text, quiet fp32 configs (the baseline PEMA must equal is
+helpers.training.freeze_rows_outside)."""
 
 import torch
 
@@ -66,16 +66,6 @@ def config(kind: str, output_dir, **overrides):
                   report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, data_seed=0,
                   save_strategy="no", bf16=False, optim="sgd")
     return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[kind](**(kwargs | overrides))
-
-
-def freeze_rows_outside(trained_model, used_ids: torch.Tensor) -> None:
-    """The baseline: gradients of the embedding and head rows outside `used_ids` zeroed (tied: one hook)."""
-    frozen = torch.ones(tiny_models.V, dtype=torch.bool)
-    frozen[used_ids] = False
-    params = {id(p): p for p in (trained_model.get_input_embeddings().weight,
-                                 trained_model.get_output_embeddings().weight)}
-    for param in params.values():
-        param.register_hook(lambda grad: grad.masked_fill(frozen[:, None].to(grad.device), 0))
 
 
 def logged(trainer, *keys) -> list[tuple]:

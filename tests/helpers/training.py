@@ -8,6 +8,17 @@ from helpers.devices import DEVICE, ON_GPU
 LR, STEPS = 1e-4, 3
 
 
+def freeze_rows_outside(model, used_ids) -> None:
+    """The baseline PEMA must equal: the gradient of every embedding or head matrix row outside `used_ids` zeroed
+    (a tied matrix gets one hook)."""
+    frozen = torch.ones(model.get_input_embeddings().num_embeddings, dtype=torch.bool)
+    frozen[used_ids.cpu()] = False
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                if m is not None}
+    for weight in matrices.values():
+        weight.register_hook(lambda grad: grad.masked_fill(frozen[:, None].to(grad.device), 0))
+
+
 def train(model, batches, loss_fn):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     losses = []

@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py: the kern
 
 import trl  # noqa: E402
 
-from helpers import tiny_trl  # noqa: E402
+from helpers import tiny_trl, training  # noqa: E402
 from pema_triton import PemaError  # noqa: E402
 from pema_triton.hf import compact_trainer  # noqa: E402
 
@@ -38,7 +38,7 @@ def main(output_dir: str, result_path: str) -> None:
     result["adapted"] = type(model.__dict__.get("forward")).__name__
     trainer.train()
     reference = sft(baseline, f"{output_dir}/baseline")
-    tiny_trl.freeze_rows_outside(baseline, handle.used_ids)
+    training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     result["pema"], result["baseline"] = tiny_trl.logged(trainer, *KEYS), tiny_trl.logged(reference, *KEYS)
     state = baseline.state_dict()
