@@ -20,6 +20,7 @@ Which tokens must stay so that the texts behind the used ids tokenize exactly as
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -117,14 +118,20 @@ class TokenizerJson:
         prefix = self.model.get("continuing_subword_prefix") or ""
         return left + (right[len(prefix):] if prefix and right.startswith(prefix) else right)
 
-    def merge_closure(self, ids: set[int]) -> set[int]:
-        """`ids` and every token a merge building one of them from its parts needs, recursively (BPE only)."""
-        if self.kind != "BPE":
-            return set(ids)
+    @functools.cached_property
+    def _producers(self) -> dict[str, list[tuple[str, str]]]:
+        """Each BPE merge result -> the (left, right) pairs that produce it."""
         producers: dict[str, list[tuple[str, str]]] = {}
         for merge in self.model.get("merges", []):
             left, right = _merge_pair(merge)
             producers.setdefault(self.merge_result(left, right), []).append((left, right))
+        return producers
+
+    def merge_closure(self, ids: set[int]) -> set[int]:
+        """`ids` and every token a merge building one of them from its parts needs, recursively (BPE only)."""
+        if self.kind != "BPE":
+            return set(ids)
+        producers = self._producers
         kept, todo = set(ids), [self.id_to_token[i] for i in ids if i in self.id_to_token]
         while todo:
             for left, right in producers.get(todo.pop(), ()):
@@ -155,10 +162,12 @@ def kept_token_ids(tokenizer, used_ids: Iterable[int], extra: Iterable[int] = ()
     """Sorted ids a trimmed tokenizer keeps: `used_ids`, `extra` (say, the model config's special ids), the
     tokenizer's special tokens, its unknown token, its fallback tokens and, for BPE, the merge closure.
 
+    `tokenizer` may be a :class:`TokenizerJson` already parsed (calls that try several id sets parse once).
+
     Raises:
         UnsupportedModuleError: a slow tokenizer, or a tokenizer model other than WordPiece, BPE or Unigram.
     """
-    parsed = TokenizerJson(tokenizer)
+    parsed = tokenizer if isinstance(tokenizer, TokenizerJson) else TokenizerJson(tokenizer)
     ids = {int(i) for i in used_ids} | {int(i) for i in extra}
     ids |= parsed.special_ids() | parsed.unk_ids() | parsed.fallback_ids()
     return sorted(parsed.merge_closure(ids))

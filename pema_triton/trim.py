@@ -25,7 +25,7 @@ from torch import nn
 from .errors import PemaError, SaveDirectoryError, UnsupportedModuleError, UsedIdsError, VocabularySizeError
 from .handle import get_handle
 from .ops.remap import validate_used_ids
-from .tokenizer_trim import kept_token_ids, write_trimmed_tokenizer
+from .tokenizer_trim import TokenizerJson, kept_token_ids, write_trimmed_tokenizer
 from .wrappers import inner_model, is_peft_model
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,15 @@ __all__ = ["save_trimmed"]
 
 
 def save_trimmed(
-    model: nn.Module, tokenizer, save_directory, *, used_ids=None, overwrite: bool = False
+    model: nn.Module,
+    tokenizer,
+    save_directory,
+    *,
+    used_ids=None,
+    counts: torch.Tensor | None = None,
+    min_count: int | None = None,
+    max_vocab: int | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Writes `model` and `tokenizer`, trimmed to the used token ids, as a Hugging Face model directory.
 
@@ -49,6 +57,12 @@ def save_trimmed(
         tokenizer: its fast tokenizer (WordPiece, BPE or Unigram `tokenizer.json`).
         save_directory: where to write; must not exist or be empty, unless `overwrite`.
         used_ids: sorted unique token ids the model must keep; only for a model that is not compacted.
+        counts: [V'] int occurrence counts by id, V' <= V (`VocabularyScan(V, count=True)` after scanning the
+            data, or `pema-triton trim`); needed by `min_count` and `max_vocab`.
+        min_count: keep only the used ids the data holds at least this often (a rare token's text then splits into
+            kept pieces: it still round-trips, with more tokens).
+        max_vocab: keep the most frequent used ids, as many as fit with the special and fallback ids and the merge
+            closure in K <= max_vocab ids. Both may be given: `min_count` first.
         overwrite: replace a non-empty `save_directory`.
 
     Returns:
@@ -58,7 +72,8 @@ def save_trimmed(
         UnsupportedModuleError: a tokenizer it cannot trim, or a model without an input embedding.
         SaveDirectoryError: `save_directory` is not empty and `overwrite` is False.
         UsedIdsError: `used_ids` missing for a plain model, or given for a compacted one.
-        VocabularySizeError: the tokenizer's special or fallback ids reach past the model's vocabulary.
+        VocabularySizeError: the tokenizer's special or fallback ids reach past the model's vocabulary, or
+            `max_vocab` is below what every trimmed tokenizer keeps.
 
     Example:
         >>> kept = save_trimmed(model, tokenizer, "deploy/")                      # doctest: +SKIP
@@ -68,19 +83,31 @@ def save_trimmed(
     target = _save_target(save_directory, overwrite)
     vocab_size, used = _used_ids(model, used_ids)
     config_ids = _config_special_ids(model, vocab_size)
-    kept = kept_token_ids(tokenizer, used.tolist(), extra=config_ids)
+    kept = _kept_ids(tokenizer, used, config_ids, _counts(counts, vocab_size, min_count, max_vocab), min_count,
+                     max_vocab)
     if kept[-1] >= vocab_size:
         raise VocabularySizeError(
             f"the tokenizer keeps ids up to {kept[-1]} (its special or fallback tokens), but the model's vocabulary "
             f"is [0, {vocab_size}); is this the model's tokenizer?")
     kept = torch.tensor(kept, dtype=torch.int64)
+    _write_staged(target, lambda staging: _write_trimmed(model, tokenizer, vocab_size, kept, staging))
+    logger.info("saved %s trimmed to %d of %d token ids in %s", type(model).__name__, len(kept), vocab_size, target)
+    return kept
+
+
+def _write_trimmed(model: nn.Module, tokenizer, vocab_size: int, kept: torch.Tensor, directory: Path) -> None:
+    _trimmed_model(model, vocab_size, kept).save_pretrained(str(directory))
+    write_trimmed_tokenizer(tokenizer, kept.tolist(), directory)
+
+
+def _write_staged(target: Path, write) -> None:
+    """`write(staging)` into a new folder beside `target`, renamed into place when done; on any failure the
+    staging folder and the parents this created are removed, and `target` is as it was."""
     created = [p for p in target.parents if not p.exists()]  # removed again on failure, deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.trim-", dir=target.parent))
     try:
-        trimmed = _trimmed_model(model, vocab_size, kept)
-        trimmed.save_pretrained(str(staging))
-        write_trimmed_tokenizer(tokenizer, kept.tolist(), staging)
+        write(staging)
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -90,8 +117,51 @@ def save_trimmed(
             except OSError:
                 break
         raise
-    logger.info("saved %s trimmed to %d of %d token ids in %s", type(model).__name__, len(kept), vocab_size, target)
-    return kept
+
+
+def _counts(counts, vocab_size: int, min_count, max_vocab) -> torch.Tensor | None:
+    """`counts` as a [V] int64 CPU tensor, checked with the options that read it; None if no option does."""
+    for name, value in (("min_count", min_count), ("max_vocab", max_vocab)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsedIdsError(f"{name} must be a positive int, got {value!r}")
+    if min_count is None and max_vocab is None:
+        return None
+    if counts is None:
+        raise UsedIdsError("min_count and max_vocab choose ids by frequency: pass counts= (a [V] tensor of "
+                           "occurrences, e.g. VocabularyScan(V, count=True).counts after scanning the data)")
+    counts = torch.as_tensor(counts).reshape(-1).cpu()
+    if counts.is_floating_point() or counts.dtype == torch.bool or counts.numel() > vocab_size:
+        raise UsedIdsError(f"counts must be integer occurrences of at most V = {vocab_size} ids, got "
+                           f"{counts.numel()} of {counts.dtype}")
+    return torch.cat([counts.to(torch.int64), counts.new_zeros(vocab_size - counts.numel(), dtype=torch.int64)])
+
+
+def _kept_ids(tokenizer, used: torch.Tensor, config_ids: list[int], counts, min_count, max_vocab) -> list[int]:
+    """The kept ids: the used ids (those seen `min_count` times, the `max_vocab` most frequent that fit) and what
+    the tokenizer needs beside them (:func:`kept_token_ids`)."""
+    if counts is None:
+        return kept_token_ids(tokenizer, used.tolist(), extra=config_ids)
+    if min_count is not None:
+        used = used[counts[used] >= min_count]
+    if max_vocab is None:
+        return kept_token_ids(tokenizer, used.tolist(), extra=config_ids)
+    by_count = used[torch.argsort(counts[used], descending=True, stable=True)].tolist()
+    parsed = TokenizerJson(tokenizer)
+
+    def kept_of(k: int) -> list[int]:
+        return kept_token_ids(parsed, sorted(by_count[:k]), extra=config_ids)
+
+    floor = kept_of(0)
+    if len(floor) > max_vocab:
+        raise VocabularySizeError(f"max_vocab={max_vocab} is below the {len(floor)} ids every trimmed copy of this "
+                                  f"tokenizer keeps (its special ids and byte / character fallback)")
+    # The kept set only grows with k (a superset's closure holds the subset's), so the largest k that fits is
+    # found by bisection: about 16 closures for 30k used ids.
+    low, high = 0, len(by_count)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if len(kept_of(middle)) <= max_vocab else (low, middle - 1)
+    return kept_of(low)
 
 
 def _refuse_wrappers(model: nn.Module) -> None:
