@@ -19,7 +19,7 @@ from .guards import check_managed, mark_compacted
 from .id_check import BadIdWatch, check_ids_option
 from .ops.dispatch import resolve_backend
 from .ops.lookup import compact_embedding_unchecked
-from .ops.remap import Compaction, compact_rows, raise_for_out_of_range
+from .ops.remap import Compaction, compact_rows, raise_for_bad_ids, raise_for_out_of_range
 
 __all__ = ["CompactEmbedding"]
 
@@ -28,7 +28,8 @@ _EMBEDDING_OPTIONS = ("num_embeddings", "embedding_dim", "padding_idx", "norm_ty
                       "sparse")
 _UNSUPPORTED_OPTIONS = (("max_norm", None), ("sparse", False), ("scale_grad_by_freq", False))
 # Attributes _setup_compact adds to a converted module, removed again by uncompact_.
-_COMPACT_ATTRS = ("backend", "deterministic", "check_ids", "padding_row", "unused_rows", "bad_id_watch")
+_COMPACT_ATTRS = ("backend", "deterministic", "check_ids", "padding_row", "unused_rows", "lookup_remap",
+                  "bad_id_watch")
 
 
 class CompactEmbedding(nn.Embedding):
@@ -57,6 +58,8 @@ class CompactEmbedding(nn.Embedding):
         padding_row: compact row of `padding_idx`, or -1 where there is none (or the pad id is not used).
         unused_rows: None, or while :meth:`embedding_unused_ids` is active the [V, D] matrix whose rows embed
             ids outside the used set.
+        lookup_remap: None, or (with `replace_embeddings(trainable_ids=)`) a [V] remap of the ids `unused_rows`
+            may embed: the used ids; others are refused.
 
     Raises:
         UsedIdsError: bad `used_ids`. UnsupportedModuleError: `max_norm`, `sparse` or `scale_grad_by_freq` set.
@@ -142,7 +145,7 @@ class CompactEmbedding(nn.Embedding):
         # Looked up once here, from the CPU ids: reading remap[padding_idx] in forward is a device-to-host sync every
         # step, and a meta-device remap (pema_triton.estimate) holds no values.
         self.padding_row = -1 if self.padding_idx is None else compaction.row_of(self.padding_idx)
-        self.unused_rows = None
+        self.unused_rows = self.lookup_remap = None
 
     @property
     def num_used(self) -> int:
@@ -174,14 +177,19 @@ class CompactEmbedding(nn.Embedding):
         For generation with full-vocabulary logits, which may pick an id the data never used: full fine-tuning
         with the unused rows frozen embeds it with its unchanged row. Ids outside [0, V) still raise.
         """
-        previous, self.unused_rows = self.unused_rows, unused_rows
+        previous = self.unused_rows, self.lookup_remap
+        self.unused_rows, self.lookup_remap = unused_rows, None
         try:
             yield self
         finally:
-            self.unused_rows = previous  # None, or rows set for the whole run (pema_triton.hf.compact_trainer)
+            # None, or what is set for the whole run (compact_trainer's embed_unscanned, trainable_ids)
+            self.unused_rows, self.lookup_remap = previous
 
     def _embed_unused(self, ids: torch.Tensor, out: torch.Tensor, unused_rows: torch.Tensor) -> torch.Tensor:
-        raise_for_out_of_range(ids, self.num_embeddings)
+        if self.lookup_remap is None:
+            raise_for_out_of_range(ids, self.num_embeddings)
+        else:  # trainable_ids: the frozen rows embed the used ids only; any other id is refused as without them
+            raise_for_bad_ids(ids, self.lookup_remap.to(ids.device))
         flat = ids.reshape(-1).long()
         unused = compact_rows(flat, self.remap) < 0
         if not bool(unused.any()):

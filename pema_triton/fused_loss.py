@@ -277,7 +277,7 @@ def _probe(handle) -> None:
     model, head = handle.model, handle.heads[0]
     if head.weight.is_meta:
         return
-    ids = handle.used_ids[:_PROBE_TOKENS].to(head.weight.device)[None]
+    ids = handle.compaction.used_ids[:_PROBE_TOKENS].to(head.weight.device)[None]
     was_training = model.training
     model.eval()
     try:

@@ -8,7 +8,6 @@ change registers as it is made, so a failure part-way and a restore run the same
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,14 +15,14 @@ import torch
 from torch import nn
 
 from .checkpoint import HEAD_BIAS, HEAD_WEIGHT, INPUT
-from .distributed import refuse_sharded_restore, whole
+from .distributed import main_process_logger, refuse_sharded_restore, whole
 from .errors import NotCompactedError, PemaError
 from .guards import mark_stale, register_managed, release_managed, unmark_stale
 from .modes import OutputMode
 from .ops.remap import Compaction, labels_to_columns, raise_for_out_of_range
 from .wrappers import inner_model
 
-logger = logging.getLogger(__name__)
+logger = main_process_logger(__name__)
 
 __all__ = ["KeptMatrix", "PemaHandle", "get_handle"]
 
@@ -94,6 +93,7 @@ class PemaHandle:
 
     def __init__(self, model: nn.Module, compaction: Compaction, output_mode: OutputMode, tied: bool):
         self.model, self.compaction, self.output_mode, self.tied = model, compaction, output_mode, tied
+        self.lookup: Compaction | None = None  # with trainable_ids=: the used ids (the compaction: trainable ones)
         self.embeddings: list[nn.Embedding] = []
         self.heads: list[nn.Linear] = []
         self._converted: list[tuple[nn.Module, type]] = []  # (module, its class before), in conversion order
@@ -121,11 +121,17 @@ class PemaHandle:
 
     @property
     def num_used(self) -> int:
-        return self.compaction.num_used
+        return (self.lookup or self.compaction).num_used
 
     @property
     def used_ids(self) -> torch.Tensor:
-        """[U] int64 sorted used ids (on the CPU)."""
+        """[U] int64 sorted used ids (on the CPU): the ids the model embeds."""
+        return (self.lookup or self.compaction).used_ids
+
+    @property
+    def trainable_ids(self) -> torch.Tensor:
+        """[T] int64 sorted ids whose rows train (on the CPU): the compact matrices' rows. The used ids, unless
+        `replace_embeddings(trainable_ids=)` named a subset."""
         return self.compaction.used_ids
 
     @property
@@ -321,23 +327,18 @@ class PemaHandle:
 
     # -- reporting -------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, object]:
-        """V, U, trainable parameters and AdamW training-state bytes before and after compaction."""
-        return {
-            "vocab_size": self.vocab_size,
-            "num_used": self.num_used,
-            "output": self.output,
-            "tied": self.tied,
-            "trainable_params_before": self.params_before,
-            "trainable_params_after": self.params_after,
-            "training_state_bytes_before": self.state_bytes_before,
-            "training_state_bytes_after": self.state_bytes_after,
-        }
+        """V, U, T (trainable ids), trainable parameters and AdamW training-state bytes before and after."""
+        return {"vocab_size": self.vocab_size, "num_used": self.num_used, "num_trainable": self.compaction.num_used,
+                "output": self.output, "tied": self.tied, "trainable_params_before": self.params_before,
+                "trainable_params_after": self.params_after, "training_state_bytes_before": self.state_bytes_before,
+                "training_state_bytes_after": self.state_bytes_after}
 
     def __repr__(self) -> str:
         change = self.state_bytes_after / max(1, self.state_bytes_before) - 1  # > 0 under PEFT: LoRA-only before
+        trainable = "" if self.lookup is None else f", {self.compaction.num_used:,} of them trainable"
         return (
-            f"PemaHandle(V={self.vocab_size:,}, U={self.num_used:,} ({self.num_used / self.vocab_size:.1%}), "
-            f"output={self.output!r}, tied={self.tied}, trainable params {self.params_before:,} -> "
+            f"PemaHandle(V={self.vocab_size:,}, U={self.num_used:,} ({self.num_used / self.vocab_size:.1%})"
+            f"{trainable}, output={self.output!r}, tied={self.tied}, trainable params {self.params_before:,} -> "
             f"{self.params_after:,}, AdamW training state {self.state_bytes_before / 2**20:,.1f} MiB -> "
             f"{self.state_bytes_after / 2**20:,.1f} MiB ({change:+.1%}))"
         )

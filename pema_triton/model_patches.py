@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from contextlib import ExitStack, contextmanager
 
 import torch
 
 from .checkpoint import register_sliced_buffer
+from .distributed import warn_on_main_process
 from .errors import PemaWarning
 from .ops.remap import compact_rows
 
 __all__ = [
-    "arguments_by_name", "embedding_unused_ids", "full_vocabulary", "remap_labels", "set_vocab_size",
-    "slice_logit_biases", "vocab_configs", "wrap_method",
+    "arguments_by_name", "embed_unused_ids", "embedding_unused_ids", "full_vocabulary", "look_up_frozen_used_ids",
+    "remap_labels", "set_vocab_size", "slice_logit_biases", "vocab_configs", "wrap_method",
 ]
 
 # -- model patches -------------------------------------------------------------------------------------------
@@ -79,8 +79,22 @@ def embed_unused_ids(handle) -> None:
     gradient), in training too: for online trainers, whose completions hold ids nobody scanned."""
     rows = _unused_rows(handle)
     for embedding in handle.embeddings:
-        embedding.unused_rows = rows
-        handle.on_undo(functools.partial(setattr, embedding, "unused_rows", None))
+        _set_undoably(handle, embedding, unused_rows=rows, lookup_remap=None)
+
+
+def look_up_frozen_used_ids(handle) -> None:
+    """With `trainable_ids=`: every compacted input embedding (whose rows are the trainable ids) embeds the other
+    used ids with their frozen rows, no gradient; ids outside the used set (`handle.lookup`) are refused still."""
+    rows = _unused_rows(handle)
+    for embedding in handle.embeddings:
+        _set_undoably(handle, embedding, unused_rows=rows, lookup_remap=handle.lookup.remap(embedding.remap.device))
+
+
+def _set_undoably(handle, module, **values) -> None:
+    """Sets plain attributes of `module`; undo puts the previous values back."""
+    for name, value in values.items():
+        handle.on_undo(functools.partial(setattr, module, name, getattr(module, name)))
+        setattr(module, name, value)
 
 
 @contextmanager
@@ -143,7 +157,7 @@ def remap_labels(handle, model, args, kwargs):
     labels = kwargs.get("labels")
     if labels is None:
         if model.training:
-            warnings.warn(
+            warn_on_main_process(
                 "a training forward of a model compacted with output='restricted' got no labels: its logits are over "
                 "the U used ids (column i is used_ids[i]), so a loss computed outside the model (such as the Trainer's "
                 "label smoothing) must use handle.labels_to_columns(labels)", PemaWarning, stacklevel=2)

@@ -28,7 +28,7 @@ from .guards import refuse_vocabulary_changes
 from .handle import KeptMatrix, PemaHandle, get_handle, trainable_stats
 from .head import CompactLMHead
 from .id_check import check_ids_option
-from .model_patches import kept_matrices_follow_dtype, wrap_method
+from .model_patches import kept_matrices_follow_dtype, look_up_frozen_used_ids, wrap_method
 from .modes import OutputMode, output_mode
 from .ops.remap import Compaction
 from .vocab import warn_missing_special_ids
@@ -50,6 +50,7 @@ def replace_embeddings(
     deterministic: bool | None = None,
     check_ids: bool | str = True,
     fused_loss: bool = False,
+    trainable_ids: torch.Tensor | Iterable[int] | None = None,
     tokenizer=None,
     process_group=None,
 ) -> PemaHandle:
@@ -64,36 +65,35 @@ def replace_embeddings(
             "frozen": full-vocabulary logits, bit-identical to the original model's; unused rows frozen.
             "restricted": logits over the U used ids only (a softmax over the used vocabulary).
             None: the head is left alone (a head tied to the input embedding raises: it would be untied).
-        offload: where the full original matrices wait until restore ("cpu"), or None to leave them where
-            they are. A `frozen` head keeps its own [V, D] copy on the model's device: it needs the unused rows.
+        offload: where the full matrices wait until restore ("cpu"), or None (a `frozen` head keeps a [V, D] copy).
         backend, deterministic, check_ids: passed to every :class:`CompactEmbedding` (:mod:`pema_triton.id_check`).
-        fused_loss: in training with `labels`, compute the causal-LM loss with the head, without the logits
-            (:mod:`pema_triton.fused_loss`); needs output="frozen" or "restricted".
+        fused_loss: with `labels`, the causal-LM loss computed with the head, no logits (:mod:`~.fused_loss`).
+        trainable_ids: [T] sorted ids, a subset of `used_ids`, whose rows alone train (say, tokens added with
+            `add_tokens`): the compact rows and their optimizer state are [T, D]; the other used ids embed (and, in
+            "frozen", score) with frozen rows. Equals full fine-tuning with every other row frozen. Not "restricted".
         tokenizer: optional; its pad / unk / bos / eos ids missing from `used_ids` are warned about.
-        process_group: in a `torch.distributed` job, the ranks that must pass the same used ids (else
-            `UsedIdsError` names them); default all. DDP never broadcasts the compacted modules' buffers.
+        process_group: in a `torch.distributed` job, the ranks that must pass the same used ids (default all).
 
     Returns: a :class:`PemaHandle` (also kept on the model): the sizes before and after, and `restore()`.
-
     Raises:
         AlreadyCompactedError: the model is compacted already.
         UnsupportedModuleError: no input embedding, or an embedding / head of an unsupported type (named).
-        UsedIdsError: `used_ids` not sorted unique ids in [0, V).
-        PemaError: `output=None` on a tied model, an unknown `output` or `check_ids`. On any error the model is
-            left exactly as it was.
+        UsedIdsError: `used_ids` not sorted unique ids in [0, V), or `trainable_ids` not a subset of them.
+        PemaError: `output=None` on a tied model, an unknown `output` or `check_ids`, `trainable_ids` with
+            "restricted". On any error the model is left exactly as it was.
 
     Examples:
         >>> handle = replace_embeddings(model, scan_vocabulary(dataset, len(tokenizer), keep=special_token_ids(tok)))
     """
     _refuse_compacted(model)
-    peft_model, model = _peft_and_inner_model(model)
+    peft_model, model = peft_model_in(model), inner_model(model)  # pema_triton.wrappers
     check_ids_option(check_ids)
     mode = output_mode(output).fused if fused_loss else output_mode(output)
     targets = _Targets.find(model, mode)
-    compaction = Compaction.of(used_ids, targets.vocab_size)
-    _check_every_rank(compaction, process_group)
-    warn_missing_special_ids(model, compaction, tokenizer)
+    lookup, compaction = _compactions(used_ids, trainable_ids, targets.vocab_size, mode, process_group)
+    warn_missing_special_ids(model, lookup, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
+    handle.lookup = None if compaction is lookup else lookup
     _compact(handle, targets, _offload_device(offload), backend=backend, deterministic=deterministic,
              check_ids=check_ids)
     if peft_model is not None:
@@ -102,10 +102,17 @@ def replace_embeddings(
     return handle
 
 
-def _peft_and_inner_model(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
-    """The PeftModel given or held (a SentenceTransformer around one), or None, and the model whose embeddings are
-    compacted (:mod:`pema_triton.wrappers`)."""
-    return peft_model_in(model), inner_model(model)
+def _compactions(used_ids, trainable_ids, vocab_size: int, mode: OutputMode, process_group
+                 ) -> tuple[Compaction, Compaction]:
+    """(the used ids, the trainable ids: the compact rows), validated, and the same on every rank."""
+    lookup = Compaction.of(used_ids, vocab_size)
+    _check_every_rank(lookup, process_group)
+    if trainable_ids is None:
+        return lookup, lookup
+    if mode.logits_over_used_ids:
+        raise PemaError("trainable_ids needs output='frozen' (or None): 'restricted' trains the head rows its "
+                        "softmax runs over, all the used ids; compact with output='frozen' to train only some rows")
+    return lookup, lookup.subset(trainable_ids)
 
 
 def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None, **embedding_options) -> None:
@@ -123,6 +130,8 @@ def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None
         keep_buffers_out_of_ddp(handle)
         wrap_method(handle, "_apply", functools.partial(kept_matrices_follow_dtype, handle))
         handle.offload(offload)
+        if handle.lookup is not None:
+            look_up_frozen_used_ids(handle)  # after the offload: an untied input's frozen rows are read there
     except BaseException:
         handle.undo(merge=False)
         raise
@@ -322,7 +331,7 @@ class _Probe:
                 raise self._error(handle, module, "embeddings", "nn.Embedding.forward")
         mode = handle.output_mode
         for module, expected in zip(handle.heads, self.logits):
-            if not mode.same_logits(module(self.hidden), mode.compacted_logits(expected, handle.used_ids)):
+            if not mode.same_logits(module(self.hidden), mode.compacted_logits(expected, handle.compaction.used_ids)):
                 raise self._error(handle, module, "logits", "nn.Linear.forward")
 
     @staticmethod

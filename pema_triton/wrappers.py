@@ -10,12 +10,12 @@ Duck-typed, so that neither package is imported (both are optional).
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .distributed import warn_on_main_process
 from .errors import PemaError, PemaWarning, UnsupportedModuleError
 
 __all__ = [
@@ -92,11 +92,12 @@ def _unwrapped(module: nn.Module, path: str) -> nn.Module:
             f"the used rows of the matrix itself train"
         )
     if hasattr(module, "token_adapter") and hasattr(module, "original_module"):
+        indices = sorted({int(i) for ids in getattr(module.token_adapter, "token_indices", {}).values() for i in ids})
         raise UnsupportedModuleError(
             f"{path!r} is PEFT's TrainableTokensWrapper (trainable_token_indices): it trains a delta of chosen rows "
-            f"of the full [V, D] matrix, the job the compaction does. Use one of the two: leave "
-            f"trainable_token_indices out of the PEFT config (the compacted rows train, all of them), or keep it "
-            f"and do not call replace_embeddings"
+            f"of the full [V, D] matrix, the job the compaction does. Build the PEFT model without "
+            f"trainable_token_indices and call replace_embeddings(peft_model, used_ids, "
+            f"trainable_ids={indices if len(indices) <= 8 else '[...]'}): the same rows train, as [T, D] rows"
         )
     if _is_modules_to_save(module):
         copies = module.modules_to_save
@@ -151,7 +152,7 @@ def _warn_if_peft_froze_the_rows(handle, model: nn.Module) -> None:
         return
     handle._warned_frozen = True
     if is_peft_wrapped(model):
-        warnings.warn(
+        warn_on_main_process(
             "the compacted rows are frozen: peft.get_peft_model, called after replace_embeddings, froze them with "
             "every base weight, so only the adapters train. To train the used rows too: pass PemaCallback to the "
             "Trainer (it makes them trainable again before the optimizer is built), or " + _ORDER,
@@ -255,7 +256,7 @@ def _original_compact_rows(handle):
         if torch.is_grad_enabled():
             raise PemaError("a forward with the adapters disabled (a reference pass) reads the original embedding "
                             "rows in place of the trained ones; run it under torch.no_grad(), as TRL does")
-        used = handle.used_ids.to(kept.param.device)
+        used = handle.compaction.used_ids.to(kept.param.device)
         original = kept.param.detach().index_select(0, used).to(compact.device, compact.dtype)
         swapped.append((compact, compact.data))
         compact.data = original

@@ -182,10 +182,26 @@ def test_trainable_token_indices_are_refused_with_the_model_untouched():
     used, ids = tiny_models.used_ids_and_batch(model)
     peft_model = _peft(model, "llama-untied", trainable_token_indices=[int(used[3])])
     before = snapshot(peft_model)
-    with pytest.raises(UnsupportedModuleError, match="trainable_token_indices"):
+    with pytest.raises(UnsupportedModuleError, match=rf"trainable_ids=\[{int(used[3])}\]"):
         replace_embeddings(peft_model, used)
     assert get_handle(peft_model) is None
     assert_state(peft_model, before)
+
+
+def test_the_suggested_trainable_ids_train_those_rows_beside_lora():
+    """What the refusal above suggests: LoRA without trainable tokens, then trainable_ids: the named rows and the
+    adapters train, every other row (used or not) stays as it was."""
+    model = tiny_models.build("llama-untied")
+    used, ids = tiny_models.used_ids_and_batch(model)
+    pretrained = model.get_input_embeddings().weight.detach().clone()
+    peft_model = _peft(model, "llama-untied")
+    handle = replace_embeddings(peft_model, used, trainable_ids=used[3:4])
+    rows = [handle.embeddings[0].weight, handle.heads[0].weight]  # untied: input and head rows, one each
+    assert [(p.shape[0], p.requires_grad) for p in rows] == [(1, True), (1, True)]
+    _sgd_step(peft_model, ids)
+    restore_embeddings(peft_model)
+    changed = (model.get_input_embeddings().weight.detach() != pretrained).any(1).nonzero().flatten()
+    assert changed.tolist() == [int(used[3])] and torch.equal(handle.trainable_ids, used[3:4])
 
 
 @pytest.mark.parametrize("config", [{"trainable_token_indices": [3]}, {"modules_to_save": ["embed_tokens"]}])

@@ -197,6 +197,15 @@ class Compaction:
         except UsedIdsError as err:
             raise UsedIdsError(f"{path}: {err}") from None
 
+    def subset(self, ids) -> Compaction:
+        """The compaction of `ids` (validated, as :meth:`of`), which must all be used ids of this one."""
+        subset = Compaction.of(ids, self.vocab_size)
+        outside = subset.used_ids[~torch.isin(subset.used_ids, self.used_ids)]
+        if outside.numel():
+            raise UsedIdsError(f"trainable ids {format_ids(outside.tolist())} are not in used_ids: the trainable rows "
+                               f"are a subset of the used ones (add them to used_ids, or scan the data they are in)")
+        return subset
+
     def row_of(self, token_id: int) -> int:
         """The compact row of `token_id`, or -1 where it is not used (read on the CPU: no device sync)."""
         row = int(torch.searchsorted(self.used_ids, token_id))
