@@ -35,12 +35,13 @@ from .ops import (
     resolve_backend,
     scan_ids,
 )
+from .optim import embedding_param_groups, embedding_parameters, set_embedding_lr
 from .replace import replace_embeddings, restore_embeddings
 from .sizing import estimate
 from .trim import save_trimmed
 from .vocab import VocabularyScan, scan_vocabulary, special_token_ids
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AlreadyCompactedError",
@@ -69,6 +70,8 @@ __all__ = [
     "build_remap",
     "compact_embedding",
     "compact_embedding_backward",
+    "embedding_param_groups",
+    "embedding_parameters",
     "estimate",
     "get_handle",
     "replace_embeddings",
@@ -77,5 +80,6 @@ __all__ = [
     "save_trimmed",
     "scan_ids",
     "scan_vocabulary",
+    "set_embedding_lr",
     "special_token_ids",
 ]

@@ -13,6 +13,7 @@ import torch
 
 from .errors import PemaError
 from .model_patches import embed_unused_ids
+from .optim import set_embedding_lr
 from .replace import replace_embeddings
 from .vocab import scan_vocabulary, special_token_ids
 from .wrappers import inner_model
@@ -25,7 +26,8 @@ ID_COLUMNS = ("input_ids", "labels", "completion_input_ids", "prompt_input_ids",
 
 
 def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False, keep=(), columns=None,
-                    embed_unscanned: bool = False, callback: bool = True, **options):
+                    embed_unscanned: bool = False, embedding_lr: float | None = None, callback: bool = True,
+                    **options):
     """Compacts `trainer.model` to the ids of the trainer's datasets; call it after building the trainer and before
     `trainer.train()`.
 
@@ -45,6 +47,7 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
         keep: more ids to keep (ids generation may produce that the data lacks).
         columns: the id columns to scan, instead of every one of :data:`ID_COLUMNS` the datasets have.
         embed_unscanned: ids outside the scanned ones embed with their frozen rows, in training too (`frozen`).
+        embedding_lr: train the embedding rows at this LR (:func:`pema_triton.set_embedding_lr`).
 
     Returns:
         The :class:`~pema_triton.PemaHandle`.
@@ -59,6 +62,8 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
     handle = replace_embeddings(trainer.model, used, output=output, fused_loss=fused_loss, **options)
     if embed_unscanned:
         embed_unused_ids(handle)
+    if embedding_lr is not None:
+        set_embedding_lr(trainer, embedding_lr)
     if callback:
         from .hf import PemaCallback
 
@@ -135,13 +140,21 @@ def _datasets(trainer) -> list:
     return [d for d in found if d is not None]
 
 
+def _progress(trainer) -> bool | None:
+    """The scan's progress bar as the Trainer shows its own: none with `disable_tqdm`, or outside the main process
+    (None: scan_vocabulary's default, which honours `datasets`' setting too)."""
+    args = getattr(trainer, "args", None)
+    zero = getattr(trainer, "is_world_process_zero", lambda: True)()
+    return False if getattr(args, "disable_tqdm", False) or not zero else None
+
+
 def _scan(trainer, vocab_size: int, columns) -> torch.Tensor:
     scans = []
     for dataset in _datasets(trainer):
         names = getattr(dataset, "column_names", None) or []
         wanted = [c for c in (columns or ID_COLUMNS) if c in names]
         if wanted:
-            scans.append(scan_vocabulary(dataset, vocab_size, columns=wanted))
+            scans.append(scan_vocabulary(dataset, vocab_size, columns=wanted, progress=_progress(trainer)))
         elif "prompt" in names and hasattr(trainer, "_tokenize_prompts"):
             scans.append(_scan_prompts(trainer, dataset, vocab_size))
     if not scans:
