@@ -14,20 +14,56 @@
   every rank must call, as `torch.distributed.checkpoint` does; a sharded (DCP) checkpoint writes each such
   tensor once, as a replicated one, and loads the same checkpoint format as one process writes. Restoring while
   sharded is refused: FSDP would keep putting the compact rows back into the restored modules.
+- Only the main process (rank 0) logs, warns and shows the scan's progress bar (:func:`is_main_process`).
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import warnings
 
 import torch
 
 from .errors import ShardedModelError, UsedIdsError
 
 __all__ = [
-    "check_same_used_ids", "in_distributed_job", "keep_buffers_out_of_ddp", "largest_across_ranks",
-    "placed_like", "refuse_sharded_restore", "union_across_ranks", "whole",
+    "check_same_used_ids", "in_distributed_job", "is_main_process", "keep_buffers_out_of_ddp", "largest_across_ranks",
+    "main_process_logger", "placed_like", "refuse_sharded_restore", "union_across_ranks", "warn_on_main_process",
+    "whole",
 ]
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # DDP reads this attribute of the module it wraps
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the initialized process group; before one exists, the rank torchrun and `accelerate launch` put
+    in the environment (RANK); True outside a job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _MainProcessOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main_process()
+
+
+def main_process_logger(name: str) -> logging.Logger:
+    """`logging.getLogger(name)`, its records dropped outside the main process (a logger's filters do not reach
+    its children, so each module's logger gets one)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _MainProcessOnly) for f in logger.filters):
+        logger.addFilter(_MainProcessOnly())
+    return logger
+
+
+def warn_on_main_process(message: str, category: type[Warning], stacklevel: int = 2) -> None:
+    """`warnings.warn` in the main process only: N ranks would print the same advice N times."""
+    if is_main_process():
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 def in_distributed_job(group=None) -> bool:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import numbers
-import warnings
+import os
+import sys
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .distributed import in_distributed_job, largest_across_ranks, union_across_ranks
+from .distributed import (
+    in_distributed_job,
+    is_main_process,
+    largest_across_ranks,
+    union_across_ranks,
+    warn_on_main_process,
+)
 from .errors import PemaError, PemaWarning, UsedIdsError, VocabularySizeError
 from .ops.dispatch import resolve_backend
 from .ops.remap import Compaction, build_remap, validate_used_ids
@@ -125,7 +132,7 @@ def warn_missing_special_ids(model: nn.Module, compaction: Compaction, tokenizer
     used = set(compaction.used_ids.tolist())
     missing = {name: i for name, i in named.items() if i not in used}
     if missing:
-        warnings.warn(
+        warn_on_main_process(
             f"used_ids lack special tokens {missing}; a batch holding one will raise UnusedIdError. Keep them with "
             f"scan_vocabulary(..., keep=special_token_ids(tokenizer)) unless your data never contains them",
             PemaWarning,
@@ -235,11 +242,23 @@ def _scan_chunks(scan: VocabularyScan, source, columns: tuple[str, ...], batch_s
         raise PemaError(f"no batch or split has the column(s) {sorted(set(columns) - seen)}; scanned {sorted(seen)}")
 
 
+def _datasets_bars_off() -> bool:
+    """Whether the user turned `datasets`' progress bars off (read without importing datasets)."""
+    datasets = sys.modules.get("datasets")
+    enabled = getattr(datasets, "is_progress_bar_enabled", None)
+    if enabled is not None:
+        return not enabled()
+    return os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _progress(source, progress: bool | None):
+    """A tqdm bar, or None. By default only for a source of a known length of 100 or more, in the main process,
+    and not where `datasets` progress bars are turned off (`datasets.disable_progress_bars()` or
+    HF_DATASETS_DISABLE_PROGRESS_BARS); tqdm's own TQDM_DISABLE holds in any case."""
     if progress is False:
         return None
     total = progress_total(source)
-    if progress is None and (total is None or total < 100):
+    if progress is None and (total is None or total < 100 or not is_main_process() or _datasets_bars_off()):
         return None
     try:
         from tqdm.auto import tqdm

@@ -31,6 +31,7 @@ def _torchrun(job, *args):
                              str(ddp_job.WORLD), job.__file__, *map(str, args)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def _one_process(name, output):
@@ -121,3 +122,14 @@ def test_ranks_with_different_used_ids_get_an_error_naming_them(tmp_path):
     for rank in range(ddp_job.WORLD):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "the ranks passed different used ids (ranks [0]:" in message and "ranks [1]:" in message, message
+
+
+def test_only_rank_0_logs_warns_and_shows_the_scan_progress(tmp_path):
+    """Two ranks run the same scan and compaction; the launcher's output holds one progress bar, one log line and
+    one warning, all from rank 0."""
+    result = _torchrun(ddp_job, "manners")
+    printed = result.stdout + result.stderr
+    assert printed.count("scanning vocabulary: 100%") == 1
+    assert printed.count("pema_triton.handle: compacted LlamaForCausalLM") == 1
+    assert "rank0 pema_triton.handle: compacted" in printed and "rank1 pema_triton" not in printed
+    assert printed.count("used_ids lack special tokens") == 1

@@ -2,9 +2,12 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/ddp_job.py train NAME OUTPUT RESULT
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/ddp_job.py mismatch RESULT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/ddp_job.py manners
 
 `train`: each rank scans its own shard, compacts, trains under DDP and restores; rank 0 saves what the test
 compares. `mismatch`: each rank scans only its shard (combine_ranks=False) and records replace_embeddings' error.
+`manners`: each rank scans 120 batches (a progress bar by default), compacts without the special ids (a warning)
+with pema_triton's INFO log on: the test counts what the job printed.
 """
 
 import sys
@@ -68,11 +71,25 @@ def _mismatch_job(rank, result_dir):
     (Path(result_dir) / f"rank{rank}.txt").write_text(message)
 
 
+def _manners_job(rank):
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"rank{rank} %(name)s: %(message)s")
+    model = tiny_models.build("llama-untied")
+    used, _ = tiny_models.used_ids_and_batch(model)
+    plain = used[~torch.isin(used, torch.tensor(sorted(tiny_models.special_ids(model))))]
+    mine = [plain[torch.randint(0, len(plain), (6,))] for _ in range(120)]
+    shard_used = scan_vocabulary(mine, tiny_models.V)  # no keep=: the special ids the config names are missing
+    replace_embeddings(model, shard_used)
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo", timeout=timedelta(minutes=2))
     try:
         if sys.argv[1] == "train":
             _train_job(dist.get_rank(), *sys.argv[2:5])
+        elif sys.argv[1] == "manners":
+            _manners_job(dist.get_rank())
         else:
             _mismatch_job(dist.get_rank(), sys.argv[2])
         dist.barrier()  # as in fsdp_job: gloo may abort a rank that tears down while its peer is still busy
