@@ -14,7 +14,6 @@ failure leaves nothing behind.
 from __future__ import annotations
 
 import copy
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed import main_process_logger
 from .errors import PemaError, SaveDirectoryError, UnsupportedModuleError, UsedIdsError, VocabularySizeError
 from .handle import get_handle
 from .ops.remap import validate_used_ids
 from .tokenizer_trim import TokenizerJson, kept_token_ids, write_trimmed_tokenizer
 from .wrappers import inner_model, is_peft_model
 
-logger = logging.getLogger(__name__)
+logger = main_process_logger(__name__)
 
 __all__ = ["save_trimmed"]
 
