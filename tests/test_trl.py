@@ -276,3 +276,58 @@ def test_generation_sees_the_forwards_signature(tmp_path):
     ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 5]])  # 1 is the pad id, on the left
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
     assert torch.equal(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+
+def test_kto_equals_full_training_with_the_unused_rows_frozen(tmp_path):
+    """KTO: unpaired prompt / completion / label rows, a reference model of its own (uncompacted, exact)."""
+    model = tiny_trl.model()
+    baseline = copy.deepcopy(model)
+
+    def kto(policy, folder):
+        return trl.KTOTrainer(model=policy, ref_model=copy.deepcopy(policy), train_dataset=tiny_trl.kto_data(),
+                              args=tiny_trl.config("kto", folder), processing_class=tiny_trl.tokenizer())
+
+    trainer = kto(model, tmp_path / "pema")
+    handle = compact_trainer(trainer)
+    trainer.train()
+    reference = kto(baseline, tmp_path / "baseline")
+    training.freeze_rows_outside(baseline, handle.used_ids)
+    reference.train()
+    keys = ("loss", "kl")
+    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
+                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+    for name, tensor in baseline.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rloo_with_unscanned_completion_ids_equals_full_training_with_those_rows_frozen(tmp_path):
+    """RLOO, online like GRPO: prompts scanned as RLOO tokenizes them, completions embedded and scored with frozen
+    rows where they reach ids nobody scanned."""
+    import datasets
+
+    seen = []
+
+    def reward(completions, completion_ids, **_):
+        seen.extend(i for row in completion_ids for i in row)
+        return [len(c) / 10 for c in completions]
+
+    def rloo(policy, folder):
+        prompts = datasets.Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9", "t10 t11 t5", "t6"] * 2})
+        args = tiny_trl.config("rloo", folder, num_generations=2, max_completion_length=6, beta=0.0)
+        return trl.RLOOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=prompts,
+                               processing_class=tiny_trl.tokenizer())
+
+    model = tiny_trl.model()
+    baseline = copy.deepcopy(model)
+    trainer = rloo(model, tmp_path / "pema")
+    handle = compact_trainer(trainer, embed_unscanned=True)
+    trainer.train()
+    assert set(seen) - set(handle.used_ids.tolist())  # completions did reach unscanned ids
+    reference = rloo(baseline, tmp_path / "baseline")
+    training.freeze_rows_outside(baseline, handle.used_ids)
+    reference.train()
+    keys = ("loss", "reward")
+    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
+                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
+    for name, tensor in baseline.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

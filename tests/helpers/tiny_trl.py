@@ -57,6 +57,16 @@ def dpo_data(rows: int = 8):
     })
 
 
+def kto_data(rows: int = 8):
+    """Unpaired preferences: a prompt, a completion and whether it is desirable."""
+    import datasets
+
+    gen = torch.Generator().manual_seed(3)
+    return datasets.Dataset.from_dict({"prompt": [_words(gen, 5, 60) for _ in range(rows)],
+                                       "completion": [" " + _words(gen, 4, 60) for _ in range(rows)],
+                                       "label": [i % 2 == 0 for i in range(rows)]})
+
+
 def config(kind: str, output_dir, **overrides):
     """SFTConfig / DPOConfig for two quiet fp32 steps; SGD, so equal gradients give equal weights (Adam's first
     step divides each by its own magnitude, turning round-off in a near-zero gradient into +-lr)."""
@@ -65,7 +75,9 @@ def config(kind: str, output_dir, **overrides):
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
                   report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0, data_seed=0,
                   save_strategy="no", bf16=False, optim="sgd")
-    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[kind](**(kwargs | overrides))
+    configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig, "kto": trl.KTOConfig,
+               "rloo": trl.RLOOConfig}
+    return configs[kind](**(kwargs | overrides))
 
 
 def logged(trainer, *keys) -> list[tuple]:
