@@ -98,9 +98,23 @@ class _CompactLinearLogProbs(torch.autograd.Function):
                 grad_hidden[rows] = grad_z.matmul(head).float()
             if grad_weight is not None:
                 grad_used = grad_z if used is None else grad_z.index_select(1, used)
-                grad_weight.add_(grad_used.t().matmul(h.to(params.compute_dtype)).float())
+                add_product_fp32(grad_weight, grad_used.t(), h.to(params.compute_dtype))
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
+
+
+# torch.addmm(..., out_dtype=torch.float32) of half inputs: CUDA only (the CPU build has no kernel for it).
+_ADDMM_OUT_DTYPE = "out_dtype" in (torch.addmm.__doc__ or "") or hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` into an fp32 `acc` without rounding the product to `a`'s half dtype first: the head gradient
+    sums one product per chunk of tokens (N / 441 of them at V = 152k), and bf16 products summed in fp32 lose
+    ~8 bits each time; the GEMM still runs on half inputs (tensor cores) with an fp32 output on CUDA."""
+    if a.dtype == torch.float32 or not (a.is_cuda and _ADDMM_OUT_DTYPE):
+        acc.addmm_(a.float(), b.float())
+    else:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
 def _logits(hidden: torch.Tensor, head: torch.Tensor, params: _Params) -> torch.Tensor:
