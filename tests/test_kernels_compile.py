@@ -2,9 +2,10 @@
 
 The interpreter runs a kernel's Python, not the compiler: a kernel can pass every CPU test and still fail to
 compile, or compile to a tile that spills to local memory. tests/helpers/compile_sm90.py compiles each kernel as
-its launcher configures it on a GPU and reads the machine code back (cuobjdump). Checked here: it compiles, nothing
-spills, and the atomics are relaxed (`REDG` without a `MEMBAR.*.GPU` fence; Triton's default acq_rel puts one
-around every vectorised add).
+its launcher configures it on a GPU, with the divisibility hints a launch on real tensors gives, and reads the
+machine code back (cuobjdump). Checked here: it compiles, nothing spills, the atomics are relaxed (`REDG` without a
+`MEMBAR.*.GPU` fence; Triton's default acq_rel puts one around every vectorised add) and vectorised, the fused
+loss's bf16 tiles run on wgmma fed by cp.async, and no index product is computed in 32 bits.
 """
 
 import json
@@ -44,3 +45,16 @@ def test_atomics_are_relaxed_and_the_sorted_backward_uses_none(compiled):
     for dtype in ("bf16", "fp32"):  # written once per row, no read-modify-write
         assert compiled[f"scatter-sorted-{dtype}"]["memory_ops"] == []
     assert any(op.startswith("REDG.E.OR") for op in compiled["scan-packed"]["memory_ops"])
+
+
+def test_what_a_launch_builds_uses_the_hardware_and_64_bit_offsets(compiled):
+    for dtype in ("bf16", "fp32"):
+        for kernel in ("lookup", "scatter-atomic", "scatter-sorted"):
+            assert compiled[f"{kernel}-{dtype}"]["vector_loads"], f"{kernel}-{dtype} loads element by element"
+        assert any("F32x4" in op for op in compiled[f"scatter-atomic-{dtype}"]["memory_ops"])  # 16-byte atomics
+        for kernel in ("linear-ce-forward", "linear-ce-backward"):
+            assert compiled[f"{kernel}-{dtype}"]["cp_async"], f"{kernel}-{dtype}: tiles not pipelined"
+    for kernel in ("linear-ce-forward-bf16", "linear-ce-backward-bf16"):
+        assert compiled[kernel]["wgmma"], f"{kernel}: no Hopper tensor-core MMA"
+    for name, row in compiled.items():  # V * D passes 2^31 at V = 152k, D = 14,336: offsets must be 64-bit
+        assert row["i32_index_products"] == [], f"{name}: {row['i32_index_products']}"

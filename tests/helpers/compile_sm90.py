@@ -1,5 +1,9 @@
 """Compiles every Triton kernel of pema_triton for Hopper (sm_90) with Triton's bundled ptxas, no GPU needed, and
-prints one JSON line per kernel: registers, local memory (spills) and the atomic / fence instructions in its SASS.
+prints one JSON line per kernel: registers, local memory (spills), the atomic / fence instructions in its SASS, what
+its PTX uses (cp.async, wgmma, vector loads) and any 32-bit index products in its TTGIR. It compiles what a launch
+compiles: with the 16-byte divisibility hints of aligned pointers and of D and V. Without them (Triton 3.9) the
+fused loss's kernels took 255 registers, no cp.async and scalar atomics, and no kernel had a vector load: kernels
+nobody launches (with them: 131 / 160 registers, cp.async, 16-byte atomics, vector loads).
 
     python tests/helpers/compile_sm90.py      # TRITON_INTERPRET must be unset: the interpreter compiles nothing
 
@@ -63,10 +67,22 @@ def _kernels():
            "N": "i32", "V": "i32"}, {"BLOCK": 4096})
 
 
+# Integer arguments a launch sees as multiples of 16 in real models (D = 576 ... 8192; V = 49,152, 128,256, 151,936;
+# the scan's V too): Triton's launcher then specialises them, as it does every 16-byte aligned pointer.
+_DIVISIBLE_INTS = ("D", "V")
+
+
+def _launch_attrs(fn, types: dict) -> dict:
+    """The `tt.divisibility = 16` hints a launch on real tensors compiles with (pointers from torch allocations are
+    16-byte aligned): without them the compiler cannot vectorise loads or pipeline them with cp.async."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if types.get(name, "").startswith("*") or (name in _DIVISIBLE_INTS and name in types)}
+
+
 def _compile(fn, types: dict, constexprs: dict) -> dict:
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_launch_attrs(fn, types))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -74,9 +90,14 @@ def _compile(fn, types: dict, constexprs: dict) -> dict:
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin.name], capture_output=True, text=True,
                               check=True).stdout
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
-            "memory_ops": sorted(set(re.findall(r"\b((?:REDG|ATOMG|RED|ATOM|MEMBAR)\.[\w.]+|MEMBAR)", sass)))}
+            "memory_ops": sorted(set(re.findall(r"\b((?:REDG|ATOMG|RED|ATOM|MEMBAR)\.[\w.]+|MEMBAR)", sass))),
+            "cp_async": "cp.async" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+            "vector_loads": bool(re.search(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
+            # Products on index tensors in 32 bits: a row * D offset that wraps once the matrix passes 2^31 elements.
+            "i32_index_products": re.findall(r"arith\.muli [^\n]*: tensor<[^>]*xi32", ttgir)}
 
 
 def main() -> int:

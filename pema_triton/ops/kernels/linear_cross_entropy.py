@@ -73,7 +73,8 @@ def _forward_kernel(
     b_sum = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     b_target = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
+        # int64: the frozen rows' offsets o_v * D pass 2^31 once V * D does (V = 152k at D = 14,336)
+        o_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         m_v = o_v < V
         b_rows = tl.load(remap_ptr + o_v, mask=m_v, other=-1).to(tl.int64)
         b_logits = _logit_tile(hidden_ptr, weight_ptr, frozen_ptr, o_n, m_n, b_rows, o_v, m_v, D, BLOCK_D,
