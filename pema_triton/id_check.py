@@ -146,8 +146,11 @@ def _snapshot(ids: torch.Tensor, num_bad: torch.Tensor):
     """(event, host copy of num_bad, ids): the copy is complete once the event is (None: it already is)."""
     if not num_bad.is_cuda:
         return None, num_bad.clone(), ids
+    # The copy runs on the current stream of the count's device, which need not be the current device (a model
+    # spread over GPUs by device_map): the event must follow that stream, or query() could pass before the copy.
+    stream = torch.cuda.current_stream(num_bad.device)
     host = torch.empty(1, dtype=torch.int32, pin_memory=True)
     host.copy_(num_bad, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(stream)
     return event, host, ids

@@ -146,3 +146,30 @@ def test_pema_callback_checks_at_log_save_and_end_and_can_skip_step_syncs():
             getattr(callback, event)(None, None, None, model=model)
     model(input_ids=batch)
     callback.on_log(None, None, None, model=model)
+
+
+def test_the_async_count_is_fenced_on_the_stream_of_the_tensors_device(monkeypatch):
+    """With a model spread over GPUs (device_map), an embedding on cuda:1 copies its count to the host on cuda:1's
+    stream while cuda:0 is current: the event that says the copy is done must be recorded on cuda:1's stream.
+    (Recorded on the current device's, query() could pass first and the host would read uninitialised memory.)
+    CUDA is mocked: the streams, the event, the pinned buffer."""
+    from pema_triton import id_check
+
+    class Count:  # a [1] int32 count on cuda:1
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    class Host:
+        def copy_(self, source, non_blocking=False):
+            self.copied = (source, non_blocking)
+            return self
+
+    class Event:
+        def record(self, stream=None):
+            self.stream = stream
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: Host())
+    count = Count()
+    event, host, _ = id_check._snapshot(torch.tensor([3]), count)
+    assert event.stream == "stream of cuda:1" and host.copied == (count, True)

@@ -129,3 +129,54 @@ def test_frozen_weight_none_trains_every_row_as_the_identity_remap_would():
     torch.testing.assert_close(got, expected.float() if got.dtype == torch.float32 else expected)
     with pytest.raises(PemaError, match="frozen_weight=None needs a remap of the U = 20 rows"):
         compact_linear_cross_entropy(hidden, weight, None, build_remap(used, 97), targets, backend="torch")
+
+
+def test_deterministic_mode_is_honoured_by_auto_and_refused_by_triton(monkeypatch):
+    """The kernels' backward adds each vocabulary block with atomics, in no fixed order: under
+    torch.use_deterministic_algorithms(True), backend="auto" runs the chunked PyTorch path, backend="triton" is
+    refused. (On CPU under the interpreter the atomics never race; the choice is what is tested.)"""
+    import importlib
+
+    from pema_triton.errors import BackendError
+    from pema_triton.ops import dispatch
+
+    kernels = importlib.import_module("pema_triton.ops.kernels")
+    pytest.importorskip("triton")
+    if not dispatch.uses_kernels("auto", torch.device(DEVICE)):
+        pytest.skip("backend='auto' runs the reference here anyway (no Triton interpreter)")
+    case = _case(97, 20, 40, 9, "random")
+    expected = _fused(*case, torch.float64, "torch")
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("the atomic kernels ran in deterministic mode")
+
+    monkeypatch.setattr(kernels, "linear_cross_entropy", no_kernels)
+    monkeypatch.setattr(kernels, "linear_cross_entropy_backward", no_kernels)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = _fused(*case, torch.float64, "auto")
+        with pytest.raises(BackendError, match="use_deterministic_algorithms"):
+            _fused(*case, torch.float64, "triton")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_fp32_products_use_tf32_only_where_the_user_allowed_it():
+    """The unfused head's cuBLAS GEMM uses TF32 for fp32 inputs only after set_float32_matmul_precision("high")
+    (or fp32_precision = "tf32"); the fused loss's dots follow the same setting, read at each launch."""
+    import importlib
+
+    pytest.importorskip("triton")
+    launcher = importlib.import_module("pema_triton.ops.kernels.linear_cross_entropy")
+    hidden = torch.zeros(4, 8)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert launcher._config(hidden, None)["PRECISION"] == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert launcher._config(hidden, None)["PRECISION"] == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -11,8 +11,8 @@ from types import ModuleType
 
 import torch
 
-from ..errors import PemaError
-from .dispatch import implementation
+from ..errors import BackendError, PemaError
+from .dispatch import implementation, kernels_or_reference
 
 __all__ = ["compact_linear_cross_entropy"]
 
@@ -93,7 +93,7 @@ def compact_linear_cross_entropy(
         # Read nowhere: with remap = arange(U) no row is frozen (no check: it would sync). A detached view, as
         # torch.compile cannot trace one tensor passed as two inputs of an autograd Function.
         frozen_weight = weight.detach()
-    params = _LossParams(ignore_index, _autocast_dtype(hidden.device), implementation(backend, hidden.device))
+    params = _LossParams(ignore_index, _autocast_dtype(hidden.device), _deterministic_or(backend, hidden.device))
     flat_targets = targets.reshape(-1)
     if num_items_in_batch is None:
         denominator = (flat_targets != ignore_index).sum().float()
@@ -103,6 +103,20 @@ def compact_linear_cross_entropy(
         return _CompactLinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, frozen_weight, remap, flat_targets, denominator, params
         )
+
+
+def _deterministic_or(backend: str, device: torch.device) -> ModuleType:
+    """The implementation for `backend`, but under `torch.use_deterministic_algorithms(True)` never the kernels:
+    their backward adds every vocabulary block's contribution with atomics, in no fixed order. The reference's
+    chunks add in order (its index_add_ is deterministic when torch is asked to be)."""
+    impl = implementation(backend, device)
+    if impl is kernels_or_reference(True) and torch.are_deterministic_algorithms_enabled():
+        if backend == "triton":
+            raise BackendError("the Triton fused loss accumulates its backward with atomics, in no fixed order, and "
+                               "torch.use_deterministic_algorithms(True) is on: use backend='auto' (the chunked "
+                               "PyTorch path, deterministic, in this mode) or backend='torch'")
+        impl = kernels_or_reference(False)
+    return impl
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

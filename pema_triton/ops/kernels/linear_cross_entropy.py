@@ -139,6 +139,18 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
               torch.float64: tl.float64}
 
 
+def _fp32_dot_precision() -> str:
+    """"tf32" where the user let fp32 matmuls use TF32 (`torch.set_float32_matmul_precision("high")`, or
+    `torch.backends.cuda.matmul.fp32_precision = "tf32"`), as the unfused head's cuBLAS GEMM then does; else "ieee"."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; "none" inherits the global setting
+    if precision is None:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if precision == "tf32" else "ieee"
+
+
 def _config(hidden: torch.Tensor, compute_dtype: torch.dtype | None) -> dict:
     dtype = compute_dtype or hidden.dtype
     wide = dtype in (torch.float32, torch.float64)
@@ -147,7 +159,7 @@ def _config(hidden: torch.Tensor, compute_dtype: torch.dtype | None) -> dict:
         IN_DTYPE=in_dtype,
         DOT_DTYPE=in_dtype if wide or not INTERPRET else tl.float32,
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        PRECISION="ieee",  # fp32 products as the unfused fp32 GEMM computes them (ignored for half inputs)
+        PRECISION=_fp32_dot_precision(),  # as the unfused fp32 GEMM computes them (ignored for half inputs)
         # Under the interpreter every program runs serially in numpy: few, large tiles.
         BLOCK_N=32 if INTERPRET else 64, BLOCK_V=64, BLOCK_D=64,
     )
