@@ -1,7 +1,7 @@
 """Runs every benchmark that fits this machine and writes results under bench/results/.
 
     python bench/run.py            # kernels and scan (also as pytest-benchmark JSON), memory, head + loss,
-                                   # vocabulary usage, trim, peers, SFT under TRL
+                                   # vocabulary usage, trim, generation, peers, SFT under TRL
     python bench/run.py --only kernels
 
 Kernels and scan (bench/kernel_cases.py, bench/scan_cases.py, timed by bench/harness.py): raw JSON and a markdown
@@ -55,7 +55,7 @@ def prepare_ids() -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parts = ["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "peers", "trl_sft"]
+    parts = ["kernels", "memory", "linear_cross_entropy", "vocab", "trim", "generation", "peers", "trl_sft"]
     p.add_argument("--only", choices=parts, action="append")
     args = p.parse_args(argv)
     only = set(args.only or parts)
@@ -68,8 +68,8 @@ def main(argv=None):
         failed += [] if run_kernels() else ["kernels"]
     # Each script below reports its own failing cases in its table; a script that crashes stops nothing else.
     for name, script in (("memory", "memory.py"), ("linear_cross_entropy", "linear_cross_entropy.py"),
-                         ("vocab", "vocab_usage.py"), ("trim", "trim.py"), ("peers", "peers.py"),
-                         ("trl_sft", "trl_sft.py")):
+                         ("vocab", "vocab_usage.py"), ("trim", "trim.py"), ("generation", "generation.py"),
+                         ("peers", "peers.py"), ("trl_sft", "trl_sft.py")):
         if name in only and subprocess.run([sys.executable, str(BENCH / script)]).returncode != 0:
             failed.append(name)
     if failed:

@@ -18,6 +18,7 @@ def bench_modules():
     """bench/ on sys.path, as its scripts put it (they import each other by name)."""
     sys.path[:0] = [str(BENCH)]
     try:
+        import generation
         import harness
         import kernel_cases
         import linear_cross_entropy
@@ -25,8 +26,9 @@ def bench_modules():
         import scan_cases
         import trl_sft
 
-        yield {"harness": harness, "kernel_cases": kernel_cases, "linear_cross_entropy": linear_cross_entropy,
-               "peer_methods": peer_methods, "scan_cases": scan_cases, "trl_sft": trl_sft}
+        yield {"generation": generation, "harness": harness, "kernel_cases": kernel_cases,
+               "linear_cross_entropy": linear_cross_entropy, "peer_methods": peer_methods, "scan_cases": scan_cases,
+               "trl_sft": trl_sft}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -85,6 +87,13 @@ def test_trl_sft_results_render_as_committed_and_agree_with_their_baseline(bench
     for got, want in zip(result["pema"]["losses"], result["baseline"]["losses"], strict=True):
         assert got == pytest.approx(want, rel=1e-5)
     assert result["pema"]["optimizer_bytes"] < result["baseline"]["optimizer_bytes"]
+
+
+def test_generation_results_render_as_committed_and_the_trimmed_model_generates_what_the_full_one_can(bench_modules):
+    result = _load("generation_cpu.json")
+    assert bench_modules["generation"].render(result) == (RESULTS / "generation_cpu.md").read_text()
+    for row in result["rows"]:  # the trimmed model's greedy ids = the full model's with its logits masked to K
+        assert row["same_prompt_tokens"] and row["constrained_identical"] == len(row["full"]["generated"])
 
 
 def test_peer_results_name_todays_methods(bench_modules):
