@@ -76,10 +76,7 @@ def test_compact_trainer_embedding_lr_equals_the_plain_trainer_with_the_rows_fro
     training.freeze_rows_outside(baseline, handle.used_ids)
     set_embedding_lr(reference, 1e-4)
     reference.train()
-    got = tiny_trl.logged(trainer, "loss", "learning_rate")
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(tiny_trl.logged(reference, "loss", "learning_rate")))
-    for name, tensor in baseline.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    tiny_trl.assert_same_run(trainer, reference, ("loss", "learning_rate"), model, baseline)
 
 
 def test_misuse_is_refused(tmp_path):

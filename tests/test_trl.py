@@ -55,11 +55,8 @@ def test_sft_equals_full_training_with_the_unused_rows_frozen(tmp_path, case):
     reference = _sft(baseline, tmp_path / "baseline", data=data, **config)
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
-    got, want = tiny_trl.logged(trainer, *METRICS), tiny_trl.logged(reference, *METRICS)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
     assert get_handle(model) is None
-    for name, tensor in baseline.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    tiny_trl.assert_same_run(trainer, reference, METRICS, model, baseline)
 
 
 def test_sft_restricted_scores_and_ranks_labels_over_the_used_ids(tmp_path):
@@ -122,10 +119,7 @@ def test_dpo_equals_full_training_with_the_unused_rows_frozen(tmp_path, referenc
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference_run.train()
     keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen")
-    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
-                               torch.tensor(tiny_trl.logged(reference_run, *keys)), rtol=1e-5, atol=1e-6)
-    for name, tensor in baseline.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    tiny_trl.assert_same_run(trainer, reference_run, keys, model, baseline)
 
 
 def test_misuses_of_compact_trainer_are_refused_with_the_model_untouched(tmp_path):
@@ -171,10 +165,7 @@ def test_grpo_with_unscanned_completion_ids_equals_full_training_with_those_rows
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "reward", "entropy")
-    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
-                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
-    for name, tensor in baseline.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    tiny_trl.assert_same_run(trainer, reference, keys, model, baseline)
 
 
 def test_dpo_under_peft_takes_its_reference_from_the_original_rows(tmp_path):
@@ -294,10 +285,7 @@ def test_kto_equals_full_training_with_the_unused_rows_frozen(tmp_path):
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "kl")
-    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
-                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
-    for name, tensor in baseline.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    tiny_trl.assert_same_run(trainer, reference, keys, model, baseline)
 
 
 def test_rloo_with_unscanned_completion_ids_equals_full_training_with_those_rows_frozen(tmp_path):
@@ -327,7 +315,4 @@ def test_rloo_with_unscanned_completion_ids_equals_full_training_with_those_rows
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "reward")
-    torch.testing.assert_close(torch.tensor(tiny_trl.logged(trainer, *keys)),
-                               torch.tensor(tiny_trl.logged(reference, *keys)), rtol=1e-5, atol=1e-6)
-    for name, tensor in baseline.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    tiny_trl.assert_same_run(trainer, reference, keys, model, baseline)

@@ -82,3 +82,11 @@ def config(kind: str, output_dir, **overrides):
 
 def logged(trainer, *keys) -> list[tuple]:
     return [tuple(entry[k] for k in keys) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_same_run(trainer, reference, keys, model=None, baseline=None) -> None:
+    """The `keys` the two trainers logged and, where given, the two models' weights, equal to fp32 round-off."""
+    torch.testing.assert_close(torch.tensor(logged(trainer, *keys)), torch.tensor(logged(reference, *keys)),
+                               rtol=1e-5, atol=1e-6)
+    for name, tensor in ({} if baseline is None else baseline.state_dict()).items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
