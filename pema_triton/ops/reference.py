@@ -83,11 +83,18 @@ def lookup_backward(
     """
     check_scatter_inputs(grad_out, ids, remap, num_rows)
     dim = grad_out.shape[-1]
-    rows = compact_rows(ids, remap)
-    keep = (rows >= 0) & (rows != padding_row)
-    acc = torch.zeros(num_rows, dim, dtype=accumulation_dtype(grad_out.dtype), device=grad_out.device)
-    acc.index_add_(0, rows[keep], grad_out.reshape(-1, dim)[keep].to(acc.dtype))
-    return acc.to(grad_out.dtype)
+    grad = grad_out.reshape(-1, dim)
+    # Ids with no row and the padding row add into one extra row, dropped at the end: no masked copy of the
+    # [N, D] gradient (it made this 0.68x the full-vocabulary backward at V = 30k, N = 16k on the CPU).
+    rows = compact_rows(ids, remap).reshape(-1)
+    rows = torch.where((rows >= 0) & (rows != padding_row), rows, num_rows)
+    if grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64):
+        # The CPU's dense embedding backward: threads own ranges of rows and each sums its rows in id order
+        # (deterministic, no atomics), here over U + 1 rows; the extra row is its padding_idx, so it gets nothing.
+        return torch.ops.aten.embedding_dense_backward(grad, rows, num_rows + 1, num_rows, False)[:num_rows]
+    acc = torch.zeros(num_rows + 1, dim, dtype=accumulation_dtype(grad_out.dtype), device=grad_out.device)
+    acc.index_add_(0, rows, grad.to(acc.dtype))
+    return acc[:num_rows].to(grad_out.dtype)
 
 
 def scan_ids(
