@@ -61,7 +61,7 @@ class FullVocabularyCheckpoint:
         for hook in hooks:
             handle.on_undo(hook.remove)
         if hasattr(handle.model, "save_pretrained"):
-            save = _SavesCompaction(handle.model.save_pretrained, handle.compaction)
+            save = _SavesCompaction(handle.model.save_pretrained, handle)
             handle.patch(handle.model, "save_pretrained", save)
 
     def _slots(self, module) -> list[tuple[str, str]]:
@@ -124,14 +124,14 @@ class _SavesCompaction:
     """`save_pretrained` that also writes the compaction (`pema_compaction.json`) beside the weights, so a Trainer
     checkpoint records which rows its optimizer state belongs to and can be resumed under the same used ids."""
 
-    def __init__(self, save_pretrained, compaction):
-        self.save_pretrained, self.compaction = save_pretrained, compaction
+    def __init__(self, save_pretrained, handle):
+        self.save_pretrained, self.handle = save_pretrained, handle
         functools.update_wrapper(self, save_pretrained)
 
     def __call__(self, save_directory, *args, **kwargs):
         result = self.save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            self.compaction.save(save_directory)
+            self.handle.save_compaction(save_directory)
         return result
 
 

@@ -115,7 +115,9 @@ def run_trim(args) -> dict:
     config = transformers.AutoConfig.from_pretrained(args.model)
     architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
     model_class = getattr(transformers, architecture, None) or transformers.AutoModel
-    model = model_class.from_pretrained(args.model, dtype="auto")
+    # `dtype=` from transformers 4.56 on (the `hf` extra allows 4.45): before, `torch_dtype=`.
+    dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+    model = model_class.from_pretrained(args.model, **{dtype_key: "auto"})
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     scan, _, used = _scanned(args, tokenizer)
     kept = save_trimmed(model, tokenizer, args.out, used_ids=used, counts=scan.counts, min_count=args.min_count,
@@ -124,6 +126,10 @@ def run_trim(args) -> dict:
     return {"model": args.model, "out": str(args.out), "model_class": type(model).__name__,
             "vocab_size": model.get_input_embeddings().num_embeddings, "num_used": used.numel(),
             "num_kept": kept.numel(), "tokens": int(scan.counts.sum()), "bytes_written": files}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
 def _id_chunks(args, tokenizer):

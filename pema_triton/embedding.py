@@ -28,8 +28,7 @@ _EMBEDDING_OPTIONS = ("num_embeddings", "embedding_dim", "padding_idx", "norm_ty
                       "sparse")
 _UNSUPPORTED_OPTIONS = (("max_norm", None), ("sparse", False), ("scale_grad_by_freq", False))
 # Attributes _setup_compact adds to a converted module, removed again by uncompact_.
-_COMPACT_ATTRS = ("backend", "deterministic", "check_ids", "padding_row", "unused_rows", "lookup_remap",
-                  "bad_id_watch")
+_COMPACT_ATTRS = ("backend", "deterministic", "check_ids", "padding_row", "unused_rows", "bad_id_watch")
 
 
 class CompactEmbedding(nn.Embedding):
@@ -56,10 +55,10 @@ class CompactEmbedding(nn.Embedding):
         used_ids: [U] int64 buffer; remap: [V] int32 buffer (-1 for unused ids); bad_id_count: [1] int32
             buffer, ids with no compact row seen and not yet reported. All non-persistent.
         padding_row: compact row of `padding_idx`, or -1 where there is none (or the pad id is not used).
-        unused_rows: None, or while :meth:`embedding_unused_ids` is active the [V, D] matrix whose rows embed
-            ids outside the used set.
-        lookup_remap: None, or (with `replace_embeddings(trainable_ids=)`) a [V] remap of the ids `unused_rows`
-            may embed: the used ids; others are refused.
+        unused_rows: None, or (while :meth:`embedding_unused_ids` is active, or set for a run) the [V, D] matrix
+            whose rows embed ids outside the used set, or a function returning it.
+        lookup_remap: None, or (with `replace_embeddings(trainable_ids=)`) a [V] int32 buffer, the remap of the
+            ids `unused_rows` may embed: the used ids; others are refused.
 
     Raises:
         UsedIdsError: bad `used_ids`. UnsupportedModuleError: `max_norm`, `sparse` or `scale_grad_by_freq` set.
@@ -110,8 +109,8 @@ class CompactEmbedding(nn.Embedding):
 
         Merge the trained rows first (:meth:`merge_into`); this method only restores the module's structure.
         """
-        for name in ("used_ids", "remap", "bad_id_count"):
-            del self._buffers[name]
+        for name in ("used_ids", "remap", "bad_id_count", "lookup_remap"):
+            self._buffers.pop(name, None)
         for name in _COMPACT_ATTRS:
             self.__dict__.pop(name, None)
         self.weight = full_weight
@@ -145,7 +144,8 @@ class CompactEmbedding(nn.Embedding):
         # Looked up once here, from the CPU ids: reading remap[padding_idx] in forward is a device-to-host sync every
         # step, and a meta-device remap (pema_triton.estimate) holds no values.
         self.padding_row = -1 if self.padding_idx is None else compaction.row_of(self.padding_idx)
-        self.unused_rows = self.lookup_remap = None
+        self.unused_rows = None
+        self.register_buffer("lookup_remap", None, persistent=False)
 
     @property
     def num_used(self) -> int:
@@ -158,8 +158,9 @@ class CompactEmbedding(nn.Embedding):
             ids, self.remap, self.weight, padding_row=self.padding_row, backend=self.backend,
             deterministic=self.deterministic,
         )
-        if self.unused_rows is not None:
-            return self._embed_unused(ids, out, self.unused_rows)
+        if self.unused_rows is not None:  # a [V, D] tensor, or what reads it at each call (the handle's rows)
+            rows = self.unused_rows if isinstance(self.unused_rows, torch.Tensor) else self.unused_rows()
+            return self._embed_unused(ids, out, rows)
         if self.check_ids:
             self.bad_id_watch.observe(ids, num_bad, self.bad_id_count, self.remap, self.check_ids)
         return out

@@ -162,7 +162,8 @@ def _describe(theirs, mine) -> str:
 
     return (f"it was saved for {what(theirs)}, but this parameter is {what(mine)}. Resume on a model compacted "
             f"with the checkpoint's used ids: replace_embeddings(model, Compaction.load(checkpoint_dir)) reads its "
-            f"pema_compaction.json")
+            f"pema_compaction.json (add trainable_ids=Compaction.load(checkpoint_dir, 'trainable_ids') where only "
+            f"some rows trained)")
 
 
 def _record_compactions(optimizer, state_dict):

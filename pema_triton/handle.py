@@ -128,6 +128,10 @@ class PemaHandle:
         """[U] int64 sorted used ids (on the CPU): the ids the model embeds."""
         return (self.lookup or self.compaction).used_ids
 
+    def save_compaction(self, directory) -> None:
+        """Writes `pema_compaction.json`: the used ids and, where only some rows train, the trainable ids."""
+        (self.lookup or self.compaction).save(directory, trainable=self.compaction)
+
     @property
     def trainable_ids(self) -> torch.Tensor:
         """[T] int64 sorted ids whose rows train (on the CPU): the compact matrices' rows. The used ids, unless
@@ -214,7 +218,7 @@ class PemaHandle:
         """
         raise_for_out_of_range(columns, self.compaction.num_used, what="columns",
                                hint="a column indexes the U used ids (used_ids[column])")
-        return self.used_ids.to(columns.device)[columns]
+        return self.compaction.used_ids.to(columns.device)[columns]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def full_tensor(self, slot: str, state_dict: dict) -> torch.Tensor:
@@ -235,7 +239,8 @@ class PemaHandle:
             # In the dtype the model has now (`model.to(torch.bfloat16)` after replace converts only the compact
             # Parameters), so a checkpoint holds what the uncompacted model would save; on the kept matrix's device.
             full = kept.param.detach().to(trained.dtype, copy=True)
-            full.index_copy_(0, self.used_ids.to(full.device), whole(trained).to(full))  # FSDP2: all-gathered
+            rows = self.compaction.used_ids.to(full.device)  # the trained rows (with trainable_ids, not all used)
+            full.index_copy_(0, rows, whole(trained).to(full))  # FSDP2: all-gathered
             built[slot] = full
         return built[slot]
 

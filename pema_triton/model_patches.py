@@ -77,7 +77,7 @@ def _unused_rows(handle) -> torch.Tensor:
 def embed_unused_ids(handle) -> None:
     """From now until restore, every compacted input embedding embeds an unused id with its frozen row (no
     gradient), in training too: for online trainers, whose completions hold ids nobody scanned."""
-    rows = _unused_rows(handle)
+    rows = functools.partial(_unused_rows, handle)  # read at each forward: the rows follow .to(), copies, loads
     for embedding in handle.embeddings:
         _set_undoably(handle, embedding, unused_rows=rows, lookup_remap=None)
 
@@ -85,8 +85,8 @@ def embed_unused_ids(handle) -> None:
 def look_up_frozen_used_ids(handle) -> None:
     """With `trainable_ids=`: every compacted input embedding (whose rows are the trainable ids) embeds the other
     used ids with their frozen rows, no gradient; ids outside the used set (`handle.lookup`) are refused still."""
-    rows = _unused_rows(handle)
-    for embedding in handle.embeddings:
+    rows = functools.partial(_unused_rows, handle)
+    for embedding in handle.embeddings:  # lookup_remap is a buffer: it follows the module's device
         _set_undoably(handle, embedding, unused_rows=rows, lookup_remap=handle.lookup.remap(embedding.remap.device))
 
 

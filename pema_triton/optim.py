@@ -44,10 +44,11 @@ def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     return found
 
 
-def embedding_param_groups(model: nn.Module, *, lr: float, embedding_lr: float, weight_decay: float = 0.0,
+def embedding_param_groups(model: nn.Module, *, lr: float, embedding_lr: float, weight_decay: float | None = None,
                            embedding_weight_decay: float | None = None) -> list[dict]:
     """Two optimizer parameter groups: every other trainable parameter at `lr`, the embedding rows at
-    `embedding_lr` (with `embedding_weight_decay`, default `weight_decay`).
+    `embedding_lr`; each with a weight decay where one is given (`embedding_weight_decay`, default
+    `weight_decay`), else the optimizer's own.
 
     Example:
         >>> optimizer = torch.optim.AdamW(embedding_param_groups(model, lr=2e-4, embedding_lr=2e-5))  # doctest: +SKIP
@@ -55,8 +56,11 @@ def embedding_param_groups(model: nn.Module, *, lr: float, embedding_lr: float, 
     rows = embedding_parameters(model)
     others = [p for p in model.parameters() if p.requires_grad and all(p is not r for r in rows)]
     decay = weight_decay if embedding_weight_decay is None else embedding_weight_decay
-    return [{"params": others, "lr": lr, "weight_decay": weight_decay},
-            {"params": rows, "lr": embedding_lr, "weight_decay": decay}]
+    groups = [{"params": others, "lr": lr}, {"params": rows, "lr": embedding_lr}]
+    for group, value in zip(groups, (weight_decay, decay)):
+        if value is not None:  # else the optimizer's default (AdamW(..., weight_decay=0.1) applies to both)
+            group["weight_decay"] = value
+    return groups
 
 
 def set_embedding_lr(trainer, embedding_lr: float) -> None:

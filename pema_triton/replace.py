@@ -70,7 +70,7 @@ def replace_embeddings(
         fused_loss: with `labels`, the causal-LM loss computed with the head, no logits (:mod:`~.fused_loss`).
         trainable_ids: [T] sorted ids, a subset of `used_ids`, whose rows alone train (say, tokens added with
             `add_tokens`): the compact rows and their optimizer state are [T, D]; the other used ids embed (and, in
-            "frozen", score) with frozen rows. Equals full fine-tuning with every other row frozen. Not "restricted".
+            "frozen", score) with frozen rows: full fine-tuning with the others frozen (`output=None`: all head rows).
         tokenizer: optional; its pad / unk / bos / eos ids missing from `used_ids` are warned about.
         process_group: in a `torch.distributed` job, the ranks that must pass the same used ids (default all).
 
@@ -112,7 +112,8 @@ def _compactions(used_ids, trainable_ids, vocab_size: int, mode: OutputMode, pro
     if mode.logits_over_used_ids:
         raise PemaError("trainable_ids needs output='frozen' (or None): 'restricted' trains the head rows its "
                         "softmax runs over, all the used ids; compact with output='frozen' to train only some rows")
-    return lookup, lookup.subset(trainable_ids)
+    trainable = lookup.subset(trainable_ids)
+    return lookup, (lookup if trainable.num_used == lookup.num_used else trainable)  # all of them: the plain case
 
 
 def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None, **embedding_options) -> None:

@@ -58,6 +58,9 @@ def compact_trainer(trainer, output: str = "frozen", *, fused_loss: bool = False
             with the policy's over U ids; an online trainer in `frozen` mode without `embed_unscanned=True`.
     """
     _check_choices(trainer, output, embed_unscanned, fused_loss)
+    if options.get("trainable_ids") is not None:  # rows to train are kept whether or not the data holds them
+        keep = [*torch.as_tensor(keep, dtype=torch.long).reshape(-1).tolist(),
+                *torch.as_tensor(options["trainable_ids"]).reshape(-1).tolist()]
     used = trainer_used_ids(trainer, keep=keep, columns=columns)
     handle = replace_embeddings(trainer.model, used, output=output, fused_loss=fused_loss, **options)
     if embed_unscanned:

@@ -223,7 +223,7 @@ class _PeftSave:
         result = type(self.peft_model).save_pretrained(self.peft_model, save_directory, *args, **kwargs)
         handle = get_handle(self.peft_model)
         if handle is not None and kwargs.get("is_main_process", True):
-            handle.compaction.save(save_directory)
+            handle.save_compaction(save_directory)
         return result
 
 

@@ -27,6 +27,8 @@ CASES = [("llama-untied", "frozen"), ("llama-untied", "restricted"), ("llama-unt
 def _torchrun(job, *args):
     tests = str(Path(job.__file__).parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # set by the examples tests import: no bars
+        env.pop(name, None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              str(ddp_job.WORLD), job.__file__, *map(str, args)],
                             capture_output=True, text=True, timeout=300, env=env)

@@ -95,3 +95,62 @@ def test_bad_trainable_ids_are_refused_and_the_model_is_untouched(kwargs, error,
         replace_embeddings(model, used, **kwargs)
     assert get_handle(model) is None and type(model.get_input_embeddings()).__name__ == "Embedding"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_checkpoints_hold_the_full_matrices_and_resume_with_both_id_sets(tmp_path):
+    """save_pretrained / state_dict write the full [V, D] matrices (trained rows merged), pema_compaction.json
+    records the used and the trainable ids, and a model compacted again from them loads the checkpoint."""
+    from pema_triton import Compaction
+
+    used, trainable, batches = _case("llama-untied")
+    model = tiny_models.build("llama-untied").train()
+    replace_embeddings(model, used, trainable_ids=trainable)
+    train(model, batches, lambda m, batch: m(**batch).loss)
+    model.save_pretrained(tmp_path)
+    saved = model.state_dict()
+    assert saved["model.embed_tokens.weight"].shape[0] == tiny_models.V
+    restore_embeddings(model)
+    assert torch.equal(saved["model.embed_tokens.weight"], model.get_input_embeddings().weight)
+    assert torch.equal(Compaction.load(tmp_path).used_ids, used)
+    assert torch.equal(Compaction.load(tmp_path, "trainable_ids").used_ids, trainable)
+    resumed = tiny_models.build("llama-untied", seed=1)
+    handle = replace_embeddings(resumed, Compaction.load(tmp_path),
+                                trainable_ids=Compaction.load(tmp_path, "trainable_ids"))
+    resumed.load_state_dict(saved)
+    restore_embeddings(resumed)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], tensor), key
+    assert handle.summary()["num_trainable"] == len(trainable)
+
+
+def test_the_frozen_rows_follow_casts_and_copies():
+    """The used-but-frozen rows are read where the model keeps them at each forward: after a bf16 round trip they
+    are the rounded rows (as the uncompacted model's), and a deep copy embeds with its own rows."""
+    import copy
+
+    used, trainable, _ = _case("llama-untied")
+    plain = tiny_models.build("llama-untied").eval()
+    model = copy.deepcopy(plain)
+    replace_embeddings(model, used, trainable_ids=trainable)
+    ids = used[None, :12]
+    plain.to(torch.bfloat16).to(torch.float32)
+    model.to(torch.bfloat16).to(torch.float32)
+    torch.testing.assert_close(model.get_input_embeddings()(ids), plain.get_input_embeddings()(ids), rtol=0, atol=0)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        get_handle(twin).kept_input.param.add_(1.0)  # only the copy's frozen rows move
+    frozen = ids[~torch.isin(ids, trainable)]
+    assert torch.equal(twin.get_input_embeddings()(frozen), model.get_input_embeddings()(frozen) + 1.0)
+
+
+def test_compact_trainer_keeps_trainable_ids_the_data_lacks(tmp_path):
+    trl = pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from helpers import tiny_trl
+    from pema_triton.hf import compact_trainer
+
+    trainer = trl.SFTTrainer(model=tiny_trl.model(), args=tiny_trl.config("sft", tmp_path),
+                             train_dataset=tiny_trl.sft_data(high=60), processing_class=tiny_trl.tokenizer())
+    handle = compact_trainer(trainer, trainable_ids=[90, 91], callback=False)  # new tokens, not in the data
+    assert handle.trainable_ids.tolist() == [90, 91] and {90, 91} <= set(handle.used_ids.tolist())
+    handle.restore()

@@ -170,22 +170,29 @@ class Compaction:
         """(V, U, CRC-32 of the ids): what optimizer checkpoints record to recognise this compaction."""
         return self.vocab_size, self.num_used, zlib.crc32(self.used_ids.numpy().tobytes())
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Writes `pema_compaction.json` (V and the used ids) into `directory`; returns its path."""
+    def save(self, directory: str | os.PathLike, trainable: Compaction | None = None) -> Path:
+        """Writes `pema_compaction.json` (V, the used ids and, where only some rows train, the `trainable` ids)
+        into `directory`; returns its path."""
         path = Path(directory) / COMPACTION_FILE
-        path.write_text(json.dumps({"vocab_size": self.vocab_size, "used_ids": self.used_ids.tolist()}))
+        saved = {"vocab_size": self.vocab_size, "used_ids": self.used_ids.tolist()}
+        if trainable is not None and trainable is not self:
+            saved["trainable_ids"] = trainable.used_ids.tolist()
+        path.write_text(json.dumps(saved))
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Compaction:
+    def load(cls, directory: str | os.PathLike, ids: str = "used_ids") -> Compaction:
         """The compaction a checkpoint directory was written under (its `pema_compaction.json`), to resume with
-        `replace_embeddings(model, Compaction.load(checkpoint))`."""
+        `replace_embeddings(model, Compaction.load(checkpoint))`; `ids="trainable_ids"` gives the rows that trained
+        (the used ids where all did): `trainable_ids=Compaction.load(checkpoint, "trainable_ids")`."""
+        if ids not in ("used_ids", "trainable_ids"):
+            raise UsedIdsError(f"ids must be 'used_ids' or 'trainable_ids', got {ids!r}")
         path = Path(directory) / COMPACTION_FILE
         if not path.is_file():
             raise UsedIdsError(f"{directory} has no {COMPACTION_FILE}: it was not written by a compacted model")
         try:
             saved = json.loads(path.read_text())
-            used_ids, vocab_size = saved["used_ids"], saved["vocab_size"]
+            used_ids, vocab_size = saved[ids if ids in saved else "used_ids"], saved["vocab_size"]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
             raise UsedIdsError(f"{path} is not a {COMPACTION_FILE} as a compacted model writes it "
                                f"({type(err).__name__}: {err}); it holds {{\"vocab_size\": V, \"used_ids\": [...]}}"
@@ -199,7 +206,10 @@ class Compaction:
 
     def subset(self, ids) -> Compaction:
         """The compaction of `ids` (validated, as :meth:`of`), which must all be used ids of this one."""
-        subset = Compaction.of(ids, self.vocab_size)
+        try:
+            subset = Compaction.of(ids, self.vocab_size)
+        except UsedIdsError as err:
+            raise UsedIdsError(f"trainable_ids: {err}") from None
         outside = subset.used_ids[~torch.isin(subset.used_ids, self.used_ids)]
         if outside.numel():
             raise UsedIdsError(f"trainable ids {format_ids(outside.tolist())} are not in used_ids: the trainable rows "

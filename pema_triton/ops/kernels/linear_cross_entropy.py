@@ -142,6 +142,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 def _fp32_dot_precision() -> str:
     """"tf32" where the user let fp32 matmuls use TF32 (`torch.set_float32_matmul_precision("high")`, or
     `torch.backends.cuda.matmul.fp32_precision = "tf32"`), as the unfused head's cuBLAS GEMM then does; else "ieee"."""
+    if torch.version.hip:  # Triton's tf32 dot is not on every AMD architecture: the exact products there
+        return "ieee"
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; "none" inherits the global setting
     if precision is None:
