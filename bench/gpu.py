@@ -9,11 +9,19 @@ and lists the cases it skipped):
     head     the LM head + loss (bench/linear_cross_entropy.py, GPU shapes)
     memory   one training step's memory (bench/memory.py)
     all      every part in turn (longer than one 10-minute command: for a machine of your own)
+    first-hour  for a short window: the cases that settle the design from head, kernels, scan and tests, in at most
+             9 minutes in all (bench/first_hour.py). The one call of the device tool, with the anchors' wheels from
+             `bash scripts/setup.sh` (.whl/gpu/) and the real-text ids (bench/.ids, optional) carried along:
+                 command   bash scripts/gpu.sh first-hour --out "$OUT/first-hour"
+                 carry     [".whl", "bench/.ids"]
+                 timeout_s 600
+             then copy what comes back to bench/results/gpu/<device>/first-hour/ and commit it.
 
 Runs on a bare GPU image (torch, triton, transformers, pytest; no install of this package, no datasets, no
 tokenizer packages): real-text ids come from bench/.ids, made beforehand by `python bench/prepare_ids.py` on a
-machine that has the tokenizers, and carried along. Writes, per part, raw JSON and a markdown table, and an
-environment file, under bench/results/gpu/<device>/ (or --out).
+machine that has the tokenizers, and carried along (without them: the real-text rows say "unavailable", the
+Zipf rows run, and head and memory use synthetic used ids, said in their notes). Writes, per part, raw JSON and a
+markdown table, and an environment file, under bench/results/gpu/<device>/ (or --out).
 
 --dry-run (or PEMA_GPU_DRY_RUN=1): every part on the CPU with tiny shapes, the kernels under TRITON_INTERPRET=1,
 into a temporary folder: CI runs it so that these scripts cannot rot. Its numbers are not measurements.
@@ -25,7 +33,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -43,10 +51,12 @@ KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=PARTS + ["all"])
+    p.add_argument("part", choices=PARTS + ["all", "first-hour"])
     p.add_argument("--dry-run", action="store_true", default=os.environ.get("PEMA_GPU_DRY_RUN") == "1")
-    p.add_argument("--out", type=Path, help="results folder (default bench/results/gpu/<device>/)")
-    p.add_argument("--budget", type=float, help="seconds per part (default: each part's own)")
+    p.add_argument("--out", type=Path, help="results folder (default bench/results/gpu/<device>/[first-hour/])")
+    p.add_argument("--budget", type=float, help="seconds per part (default: each part's own); first-hour: in all")
+    p.add_argument("--cases", action="append", metavar="REGEX",
+                   help="kernels, scan: only the cases whose name matches one of these (repeatable), in their order")
     args = p.parse_args(argv)
     if args.dry_run:  # before torch and pema_triton are imported: the interpreter is chosen at import
         os.environ.update(PEMA_GPU_DRY_RUN="1", TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
@@ -56,6 +66,10 @@ def main(argv=None) -> int:
 
     out = args.out or (Path(tempfile.mkdtemp(prefix="pema-gpu-dry-run-")) if args.dry_run
                        else BENCH / "results" / "gpu" / harness.device_slug())
+    if args.part == "first-hour":
+        import first_hour
+
+        return first_hour.run(out if args.out else out / "first-hour", args.dry_run, args.budget)
     out.mkdir(parents=True, exist_ok=True)
     (out / "environment.json").write_text(json.dumps(harness.environment(), indent=1) + "\n")
     failed = []
@@ -63,7 +77,8 @@ def main(argv=None) -> int:
         start = time.monotonic()
         budget = harness.Budget(args.budget if args.budget is not None else (60 if args.dry_run else BUDGET_S[part]))
         print(f"== {part} (budget {budget.seconds:.0f} s) -> {out}", flush=True)
-        ok = globals()[f"part_{part}"](out, budget, args.dry_run)
+        cases = {"cases": args.cases} if part in ("kernels", "scan") else {}
+        ok = globals()[f"part_{part}"](out, budget, args.dry_run, **cases)
         print(f"== {part}: {'done' if ok else 'FAILED'} in {time.monotonic() - start:.0f} s", flush=True)
         failed += [] if ok else [part]
     print(f"results in {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -78,15 +93,17 @@ def _copy(dry: bool) -> dict:
     return harness.copy_gbps(nbytes)
 
 
-def _timed_part(name: str, module: str, out: Path, budget, dry: bool, notes: list[str], stem: str | None) -> bool:
+def _timed_part(name: str, module: str, out: Path, budget, dry: bool, notes: list[str], stem: str | None,
+                cases: list[str] | None = None) -> bool:
     import harness
 
     copy = _copy(dry)
-    cases = __import__(module)
-    rows = cases.run(budget, rounds=1 if dry else 5)  # dry: the interpreter runs the sorted backward at ~1 s a call
+    module = __import__(module)
+    _stop_on_sigint(budget)
+    rows = module.run(budget, rounds=1 if dry else 5, cases=cases)  # dry: the sorted backward runs ~1 s a call
     for r in rows:
-        r["is_baseline"] = r["provider"] == cases.BASELINES[r["op"]]
-    for op, baseline in cases.BASELINES.items():
+        r["is_baseline"] = r["provider"] == module.BASELINES[r["op"]]
+    for op, baseline in module.BASELINES.items():
         harness.speedups([r for r in rows if r["op"] == op], baseline)
     notes = [*notes, *goals(rows, copy)]
     print("\n".join(harness.table(rows, copy)), flush=True)
@@ -94,15 +111,25 @@ def _timed_part(name: str, module: str, out: Path, budget, dry: bool, notes: lis
     return not any(r["status"] == "FAILED" for r in rows)
 
 
-def part_kernels(out: Path, budget, dry: bool, stem: str | None = None) -> bool:
-    return _timed_part("kernels", "kernel_cases", out, budget, dry, stem=stem, notes=[
+def _stop_on_sigint(budget) -> None:
+    """SIGINT (Ctrl-C, or bench/first_hour.py near its time limit) stops adding cases: the case running finishes,
+    the rest are skipped rows, and the table is written. A second SIGINT interrupts."""
+    def stop(*_):
+        budget.seconds = 0.0
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def part_kernels(out: Path, budget, dry: bool, stem: str | None = None, cases: list[str] | None = None) -> bool:
+    return _timed_part("kernels", "kernel_cases", out, budget, dry, stem=stem, cases=cases, notes=[
         "Byte floor (bench/kernel_cases.py): lookup = ids + output + each distinct row once; backward = grad + ids + "
         "the [U, D] gradient. GB/s = floor / time; % of copy = that / the copy bandwidth above.",
         "Times: triton.testing.do_bench on CUDA (events, L2 flushed before each call), median and worst round."])
 
 
-def part_scan(out: Path, budget, dry: bool, stem: str | None = None) -> bool:
-    return _timed_part("scan", "scan_cases", out, budget, dry, stem=stem, notes=[
+def part_scan(out: Path, budget, dry: bool, stem: str | None = None, cases: list[str] | None = None) -> bool:
+    return _timed_part("scan", "scan_cases", out, budget, dry, stem=stem, cases=cases, notes=[
         "Byte floor (bench/scan_cases.py): ids read + sorted used ids written. Every provider but pema-map-only "
         "returns the sorted used ids, as torch.unique does."])
 
@@ -144,14 +171,11 @@ def goals(rows: list[dict], copy: dict) -> list[str]:
 def _subprocess_part(name: str, cmd: list[str], out: Path, budget) -> int | None:
     """Runs a part that is its own script, its log in <name>.log; returns its exit code (None: stopped, past
     its budget and a minute)."""
-    with open(out / f"{name}.log", "w") as log:
-        try:
-            result = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=budget.seconds + 60)
-        except subprocess.TimeoutExpired:
-            log.write(f"\nstopped after {budget.seconds + 60:.0f} s\n")
-            return None
+    import harness
+
+    code = harness.run_logged(cmd, out / f"{name}.log", budget.seconds + 60)
     print((out / f"{name}.log").read_text()[-3000:], flush=True)
-    return result.returncode
+    return code
 
 
 def part_tests(out: Path, budget, dry: bool) -> bool:

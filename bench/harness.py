@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import time
@@ -162,6 +165,42 @@ def measure(row: dict, make_fn, *, floor_bytes: int, rounds: int = 5) -> dict:
 
 class Unavailable(Exception):
     """A provider that does not exist in this build or on this machine (a row, not a failure)."""
+
+
+def select(cases: list[tuple], patterns: list[str] | None, name) -> list[tuple]:
+    """The cases whose `name(*case)` matches one of the regular expressions `patterns`, the first pattern's cases
+    first (the budget drops the tail); every case, in grid order, when `patterns` is empty."""
+    if not patterns:
+        return list(cases)
+    chosen = []
+    for pattern in patterns:
+        chosen += [c for c in cases if re.search(pattern, name(*c)) and c not in chosen]
+    return chosen
+
+
+INTERRUPTED = "[sent SIGINT"  # what run_logged writes into the log before it interrupts
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None, grace: float = 15) -> int | None:
+    """Runs `cmd` (from the repository root) with its output in `log`; returns its exit code, or None when it had to
+    be killed. `grace` s before `timeout` (at most half of it) it gets SIGINT (pytest ends its run and writes its junit
+    XML, gpu.py stops adding cases and writes its rows; the log says so), at `timeout` SIGKILL, each sent to its whole
+    process group (a benchmark's per-case processes too): it never runs past `timeout`."""
+    grace = min(grace, timeout / 2)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        steps = ((None, timeout - grace, INTERRUPTED), (signal.SIGINT, grace, "[sent SIGKILL"),
+                 (signal.SIGKILL, None, ""))
+        for sig, wait, note in steps:
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(timeout=wait)
+                return None if sig == signal.SIGKILL else code
+            out.flush()
+            out.write(f"\n{note}: its time limit is {timeout:.0f} s]\n")
 
 
 def skipped(rows: list[dict], row: dict, why: str) -> None:

@@ -77,6 +77,11 @@ def zipf(vocab_size: int, num_ids: int, *, share: float = ZIPF_SHARE, seed: int 
     return ids, used.to(device), {"source": f"Zipf(1) over {num_used:,} shuffled ids", "tiled": 1}
 
 
+def synthetic_used(vocab_size: int, *, share: float = ZIPF_SHARE, seed: int = 0) -> torch.Tensor:
+    """The used ids `zipf` draws from (share * V random ids, sorted): U for a run without bench/.ids."""
+    return zipf(vocab_size, 1, share=share, seed=seed)[1]
+
+
 def ids_for(source: str, vocab_size: int, num_ids: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """`source` is "zipf" or a tokenizer key; returns ids and used ids on `device`, only ids < vocab_size."""
     if source == "zipf":

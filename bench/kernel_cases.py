@@ -21,7 +21,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, skipped
+from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, select, skipped
 from ids import MissingIds, ids_for
 
 import pema_triton
@@ -64,9 +64,10 @@ def fits(V, D, N, dtype) -> bool:
     return need < 0.85 * torch.cuda.get_device_properties(0).total_memory
 
 
-def run(budget: Budget, rounds: int) -> list[dict]:
+def run(budget: Budget, rounds: int, cases: list[str] | None = None) -> list[dict]:
+    """Rows of the grid's cases, or of those whose name matches one of the patterns `cases`, in their order."""
     rows = []
-    for case in grid():
+    for case in select(grid(), cases, case_name):
         V, source, D, N, dtype = case
         base = {"case": case_name(*case), "V": V, "D": D, "N": N, "dtype": str(dtype), "ids": source}
         if budget.spent() or not fits(V, D, N, dtype):

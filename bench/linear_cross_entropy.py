@@ -18,14 +18,19 @@ rounds after a warm-up call.
 
     python bench/linear_cross_entropy.py            # writes bench/results/linear_cross_entropy_<device>.{json,md}
     python bench/linear_cross_entropy.py --out DIR --budget 360   # (bench/gpu.py head) stops adding cases after 360 s
+    python bench/linear_cross_entropy.py --shape 151936 4096 qwen2.5-0.5b --tokens 8192 32768 \
+        --providers "fused frozen" liger --deadline 230             # one shape, these providers (bench/first_hour.py)
 
-U comes from bench/.ids (bench/prepare_ids.py) where it was prepared, else from the tokenizer itself. Under
-PEMA_GPU_DRY_RUN=1 (bench/gpu.py --dry-run) one tiny synthetic shape runs two providers: no measurement.
+U comes from bench/.ids (bench/prepare_ids.py) where it was prepared, else from the tokenizer itself, else (a bare
+GPU image without bench/.ids) synthetic: a quarter of V at random, as bench/ids.py's Zipf source; the notes say
+which. A case that runs out of device memory is a row that says so, not a failure. Under PEMA_GPU_DRY_RUN=1
+(bench/gpu.py --dry-run) one tiny synthetic shape runs two providers (or --providers): no measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -51,21 +56,32 @@ SHAPES = [
     ("Qwen2.5-0.5B (D=2048 head)", "qwen2.5-0.5b", 151936, 2048, [4096, 16384]),
     ("Llama-3-8B", "llama-3-8b", 128256, 4096, [4096, 16384]),
 ] if ON_GPU else [])
-PROVIDERS = ["unfused frozen", "restricted", "fused frozen", "fused restricted", "F.linear_cross_entropy",
-             "liger", "cut-cross-entropy", "log-probs frozen", "TRL log-probs"]
+PROVIDERS = ALL_PROVIDERS = ["unfused frozen", "restricted", "fused frozen", "fused restricted",
+                             "F.linear_cross_entropy", "liger", "cut-cross-entropy", "log-probs frozen",
+                             "TRL log-probs"]
+# What `available` imports in a child process, as `_step` does (a failing import is the row's reason).
+_IMPORTS = {"liger": "from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss",
+            "cut-cross-entropy": "from cut_cross_entropy import linear_cross_entropy",
+            "TRL log-probs": "from trl.kernels import ChunkedLogProbFunction"}
 _TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks its fused head for
 if DRY_RUN:  # a check that the script runs (CI), every third id of a 4k vocabulary used: not a model's shape
     SHAPES, PROVIDERS = [("tiny (dry run)", None, 4096, 64, [64])], ["unfused frozen", "fused frozen"]
 
 
-def _used_ids(tokenizer_key: str | None, vocab_size: int) -> torch.Tensor:
-    """U from the real tokenizer over BBC News (computed by the parent: tokenizing would set the child's peak)."""
+def _used_ids(tokenizer_key: str | None, vocab_size: int) -> tuple[torch.Tensor, str]:
+    """U and whence: the real tokenizer over BBC News (computed by the parent: tokenizing would set the child's
+    peak), else synthetic (see memory.used_ids_and_batch); `zipf` asks for the synthetic U."""
     if tokenizer_key is None:
-        return torch.arange(0, vocab_size, 3)
+        return torch.arange(0, vocab_size, 3), "every third id (a dry run's tiny shape)"
     sys.path.insert(0, str(BENCH))
-    from memory import used_fraction_ids
+    from ids import ZIPF_SHARE, synthetic_used
+    from memory import used_ids_and_batch
 
-    return used_fraction_ids(tokenizer_key, vocab_size)[0]
+    if tokenizer_key == "zipf":
+        used = synthetic_used(vocab_size)
+        return used, f"synthetic: {len(used):,} random ids ({ZIPF_SHARE:.0%} of V, as bench/ids.py's Zipf source)"
+    used, _, _, source = used_ids_and_batch(tokenizer_key, vocab_size)
+    return used, source
 
 
 def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
@@ -126,15 +142,16 @@ def _step(provider: str, held: dict, hidden, targets):
     return loss, tuple(weight.grad.shape)
 
 
-def run_one(provider: str, shape: int, num_tokens: int, rounds: int, used_file: str) -> dict:
-    name, key, vocab_size, dim, _ = SHAPES[shape]
+def run_one(provider: str, shape: tuple, num_tokens: int, rounds: int, used_file: str) -> dict:
+    name, key, vocab_size, dim, _ = shape
     device = torch.device("cuda" if ON_GPU else "cpu")
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     used = torch.load(used_file)
-    gen = torch.Generator().manual_seed(0)
-    full = (torch.randn(vocab_size, dim, generator=gen) * dim**-0.5).to(device, dtype)
-    hidden = torch.randn(num_tokens, dim, generator=gen).to(device, dtype)
-    targets = used[torch.randint(0, len(used), (num_tokens,), generator=gen)].to(device)  # real ids: used ones
+    # Drawn on the device: a [151,936, 4,096] head drawn on the CPU and copied takes seconds of every case's process.
+    gen = torch.Generator(device=device).manual_seed(0)
+    full = (torch.randn(vocab_size, dim, generator=gen, device=device) * dim**-0.5).to(dtype)
+    hidden = torch.randn(num_tokens, dim, generator=gen, device=device).to(dtype)
+    targets = used.to(device)[torch.randint(0, len(used), (num_tokens,), generator=gen, device=device)]  # used ids
     held = _setup(provider, full, used)
     base = torch.cuda.memory_allocated() if ON_GPU else _resident_bytes()
     if ON_GPU:
@@ -164,27 +181,38 @@ def _resident_bytes() -> int:
 
 
 def available(provider: str) -> bool:
-    if provider in ("liger", "cut-cross-entropy"):
-        if not ON_GPU:
-            return False
-        module = "liger_kernel" if provider == "liger" else "cut_cross_entropy"
-        return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
-    if provider == "TRL log-probs":
-        return subprocess.run([sys.executable, "-c", "from trl.kernels import ChunkedLogProbFunction"],
-                              capture_output=True).returncode == 0
-    return provider != "F.linear_cross_entropy" or hasattr(F, "linear_cross_entropy")
+    return unavailable(provider) is None
 
 
-def _measure(cmd: list[str], case: dict) -> dict:
+@functools.cache
+def unavailable(provider: str) -> str | None:
+    """Why `provider` cannot run here (None: it can); an import is tried once, in a child process."""
+    if provider == "F.linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+    if provider not in _IMPORTS:
+        return None
+    if provider != "TRL log-probs" and not ON_GPU:
+        return "CUDA kernels: needs a GPU"
+    result = subprocess.run([sys.executable, "-c", _IMPORTS[provider]], capture_output=True, text=True)
+    return None if result.returncode == 0 else f"not importable: {(result.stderr.strip().splitlines() or ['?'])[-1]}"
+
+
+def _measure(cmd: list[str], case: dict, timeout: float | None = None) -> dict:
     """Time from one process; on a CPU, peak memory from a second one whose allocator maps every block of 64 KiB
     or more on its own (glibc's default raises that threshold as blocks are freed and keeps them resident, so the
-    peak RSS would count freed blocks). A failing case is a row that says so, not the end of the run."""
+    peak RSS would count freed blocks; a dry run skips it). A failing case is a row that says so, not the end of
+    the run; one out of device memory is marked `oom`, one past `timeout` is skipped."""
     rows = []
-    envs = [None] if ON_GPU else [None, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")]
+    envs = [None] if ON_GPU or DRY_RUN else [None, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")]
     for env in envs:
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return case | {"skipped": f"stopped after {timeout:.0f} s (--deadline)"}
         if result.returncode != 0:
-            return case | {"error": (result.stderr.strip().splitlines() or ["?"])[-1][:120]}
+            error = (result.stderr.strip().splitlines() or ["?"])[-1][:160]
+            oom = "OutOfMemoryError" in error or "out of memory" in error.lower()
+            return case | {"error": error} | ({"oom": True} if oom else {})
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     return rows[0] | {"peak_bytes": rows[-1]["peak_bytes"]}
 
@@ -194,9 +222,10 @@ def table(rows: list[dict]) -> list[str]:
              "| loss |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["N"] == row["N"]
-                     and r["provider"] == "unfused frozen" and "error" not in r), None)
-        if "error" in row or "skipped" in row:
-            why = f"failed: {row['error']}" if "error" in row else f"skipped: {row['skipped']}"
+                     and r["provider"] == "unfused frozen" and "median_s" in r), None)
+        if "error" in row or "skipped" in row or "unavailable" in row:
+            why = (f"{'does not fit in memory' if row.get('oom') else 'failed'}: {row['error']}" if "error" in row
+                   else f"skipped: {row['skipped']}" if "skipped" in row else f"unavailable: {row['unavailable']}")
             lines.append(f"| {row['model']} | {row['N']:,} | {row['provider']} | {why} | | | | | |")
             continue
         mem = f"{row['peak_bytes'] / 2**20:,.0f} MiB"
@@ -207,47 +236,94 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None):
+def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--one", nargs=4, metavar=("PROVIDER", "SHAPE", "N", "USED"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=10 if ON_GPU else 3)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default bench/results)")
     p.add_argument("--stem", help="file name of the results, without suffix (default linear_cross_entropy_<device>)")
     p.add_argument("--budget", type=float, default=float("inf"), help="seconds after which no case is started")
-    args = p.parse_args(argv)
+    p.add_argument("--shape", nargs=3, metavar=("V", "D", "IDS"),
+                   help="one head shape instead of the default ones: V, D, and the tokenizer key U comes from "
+                        "(zipf: synthetic)")
+    p.add_argument("--tokens", type=int, nargs="+", help="token counts N of --shape (default 4096)")
+    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS,
+                   help="these, in this order (default: every one that runs here); one that cannot is a row")
+    p.add_argument("--deadline", type=float, default=float("inf"),
+                   help="seconds after which a running case is stopped (a skipped row)")
+    return p.parse_args(argv)
+
+
+def _shapes(args) -> list[tuple]:
+    if not args.shape:
+        return SHAPES
+    vocab_size, dim, key = int(args.shape[0]), int(args.shape[1]), args.shape[2]
+    return [(f"V={vocab_size:,}, D={dim:,}", key, vocab_size, dim, args.tokens or [4096])]
+
+
+def _case(args, provider: str, shape_index: int, num_tokens: int, used_file: Path, case: dict, start: float) -> dict:
+    """One row: the case measured in its own process, or why it was not."""
+    if unavailable(provider):
+        return case | {"unavailable": unavailable(provider)}
+    if time.monotonic() - start > args.budget:
+        return case | {"skipped": f"time budget of {args.budget:.0f} s spent"}
+    left = args.deadline - (time.monotonic() - start)  # a slow first compile may use the others' time, not more
+    if left < 5:
+        return case | {"skipped": f"deadline of {args.deadline:.0f} s reached"}
+    cmd = [sys.executable, __file__, "--one", provider, str(shape_index), str(num_tokens), str(used_file),
+           "--rounds", str(args.rounds)]
+    if args.shape:  # the child finds the shape by its index in the same list
+        cmd += ["--shape", *args.shape] + (["--tokens", *map(str, args.tokens)] if args.tokens else [])
+    return _measure(cmd, case, left if left < float("inf") else None)
+
+
+def main(argv=None):
+    args = _args(argv)
+    shapes = _shapes(args)
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.rounds, args.one[3])))
-        return
-    rows = []
-    scratch = Path(tempfile.mkdtemp())
-    start = time.monotonic()
-    for index, (name, key, vocab_size, _, token_counts) in enumerate(SHAPES):
-        used_file = scratch / f"used_{index}.pt"
-        torch.save(_used_ids(key, vocab_size), used_file)
-        for num_tokens in token_counts:
-            for provider in filter(available, PROVIDERS):
-                case = {"model": name, "provider": provider, "N": num_tokens}
-                if time.monotonic() - start > args.budget:
-                    rows.append(case | {"skipped": f"time budget of {args.budget:.0f} s spent"})
-                    continue
-                cmd = [sys.executable, __file__, "--one", provider, str(index), str(num_tokens), str(used_file),
-                       "--rounds", str(args.rounds)]
-                rows.append(_measure(cmd, case))
-                print(table([r for r in rows if r["model"] == name and r["N"] == num_tokens])[-1], flush=True)
-    tag = torch.cuda.get_device_name().replace(" ", "_") if ON_GPU else "cpu"
+        shape = shapes[int(args.one[1])]
+        print(json.dumps(run_one(args.one[0], shape, int(args.one[2]), args.rounds, args.one[3])))
+        return 0
     sys.path.insert(0, str(BENCH))
     import harness
 
+    tag = torch.cuda.get_device_name().replace(" ", "_") if ON_GPU else "cpu"
     env = harness.environment() | {"device": tag}
-    stem = args.stem or f"linear_cross_entropy_{tag}"
+    rows, notes = [], []
+    scratch = Path(tempfile.mkdtemp())
+    start = time.monotonic()
+    try:
+        for index, (name, key, vocab_size, _, token_counts) in enumerate(shapes):
+            used, source = _used_ids(key, vocab_size)
+            notes.append(f"{name}: U = {len(used):,} used ids: {source}.")
+            torch.save(used, used_file := scratch / f"used_{index}.pt")
+            for num_tokens in token_counts:
+                for provider in args.providers or list(filter(available, PROVIDERS)):
+                    case = {"model": name, "provider": provider, "N": num_tokens}
+                    rows.append(_case(args, provider, index, num_tokens, used_file, case, start))
+                    print(table([r for r in rows if r["model"] == name and r["N"] == num_tokens])[-1], flush=True)
+                    _write(args, env, rows, notes)  # after each case: a run killed from outside keeps its rows
+    except KeyboardInterrupt:  # Ctrl-C, or bench/first_hour.py at its time limit: the rows so far are the table
+        notes.append("Interrupted (SIGINT): the cases after the last row did not run.")
+    print("\n".join(_write(args, env, rows, notes)))
+    return 1 if any("error" in r and not r.get("oom") for r in rows) else 0
+
+
+def _write(args, env: dict, rows: list[dict], notes: list[str]) -> list[str]:
+    stem = args.stem or f"linear_cross_entropy_{env['device']}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    lines = [f"# Head + loss, forward + backward ({tag})", "",
+    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "notes": notes}, indent=1))
+    lines = [f"# Head + loss, forward + backward ({env['device']})", "",
              f"Measured by `python bench/linear_cross_entropy.py`: torch {env['torch']}, triton {env['triton']}, "
              f"CUDA {env['cuda']}, Python {env['python']}, commit {env['git_commit']}.", "", *table(rows)]
+    if any(r["provider"] in ("liger", "cut-cross-entropy") for r in rows):
+        notes = [*notes, "Liger (LigerFusedLinearCrossEntropyLoss) and Cut Cross-Entropy (linear_cross_entropy) run "
+                 "with their defaults: CCE's filter_eps='high' skips the backward of vocabulary blocks whose softmax "
+                 "values all lie below 2^-12 (bf16's eps / 32); pema's fused loss skips none."]
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 1 if any("error" in r for r in rows) else 0
+    return lines
 
 
 if __name__ == "__main__":

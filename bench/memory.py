@@ -1,11 +1,12 @@
 """Memory PEMA saves in one training step (forward, backward, AdamW step) of real model shapes.
 
 Shapes of bert-base, xlm-roberta-base, Llama-3-8B and Qwen2.5-0.5B with 2 transformer layers (the embeddings make
-the difference), random weights; U from the matching real tokenizer over BBC News (examples/assets.py). Runs
-without PEMA and with PEMA (`frozen` and `restricted` for causal LMs, the input side for encoders), and reports
-the bytes the model holds for training (weights and buffers, gradients, optimizer state, read off the real tensors
-after the step), the logits of one batch, and on a GPU the peak CUDA memory. A model whose training state does
-not fit in this machine's memory is built on the meta device: its bytes are computed, not run (marked).
+the difference), random weights; U from the matching real tokenizer over BBC News (bench/.ids, or
+examples/assets.py; where neither is here, synthetic Zipf ids, said in the notes). Runs without PEMA and with PEMA
+(`frozen` and `restricted` for causal LMs, the input side for encoders), and reports the bytes the model holds for
+training (weights and buffers, gradients, optimizer state, read off the real tensors after the step), the logits of
+one batch, and on a GPU the peak CUDA memory. A model whose training state does not fit in this machine's memory is
+built on the meta device: its bytes are computed, not run (marked).
 
     python bench/memory.py [--device cuda]
 Writes bench/results/memory_<device>.{json,md}.
@@ -76,25 +77,40 @@ def state_bytes(model, optimizer, device) -> dict[str, int]:
 
 
 def used_fraction_ids(tokenizer_key, vocab_size):
-    """Used ids of the real tokenizer over BBC News, one batch of real token ids, and the tokenizer's size: from
-    bench/.ids where bench/prepare_ids.py made it (a bare GPU image has no tokenizer packages), else tokenized."""
+    """(used ids, one batch of token ids, the tokenizer's size): see `used_ids_and_batch`, which also says whence."""
+    return used_ids_and_batch(tokenizer_key, vocab_size)[:3]
+
+
+def used_ids_and_batch(tokenizer_key, vocab_size):
+    """Used ids of the real tokenizer over BBC News, one batch of real token ids, the tokenizer's size, and where they
+    came from: bench/.ids where bench/prepare_ids.py made it (a bare GPU image has no tokenizer packages), else
+    tokenized here, else (neither here) synthetic: the Zipf source's U (a quarter of V, about the 20-24% real 128k-152k
+    tokenizers use on BBC News) and a batch of Zipf ids over it, so that the run goes on and says so."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ids import MissingIds, load_prepared
+    from ids import MissingIds, load_prepared, zipf
 
     try:
         prepared = load_prepared(tokenizer_key)
         used = torch.from_numpy(prepared["used"]).long()
-        return used[used < vocab_size], torch.from_numpy(prepared["batch"]), prepared["vocab_size"]
+        return (used[used < vocab_size], torch.from_numpy(prepared["batch"]), prepared["vocab_size"],
+                f"BBC News through the {tokenizer_key} tokenizer (bench/.ids)")
     except MissingIds:
         pass
-    tokenizer = assets.load_tokenizer(tokenizer_key)
+    try:
+        tokenizer = assets.load_tokenizer(tokenizer_key)
+    except Exception as missing:  # noqa: BLE001 - ImportError, a missing package's folder, a broken tokenizer file
+        ids, used, _ = zipf(vocab_size, BATCH * SEQ)
+        why = f"{type(missing).__name__}: {str(missing).splitlines()[0][:100] if str(missing) else ''}"
+        print(f"no bench/.ids and no {tokenizer_key} tokenizer here ({why}): synthetic ids", file=sys.stderr)
+        return (used, ids.view(BATCH, SEQ), vocab_size, f"synthetic: {len(used):,} random ids of V, a batch of Zipf(1) "
+                f"ids over them (no bench/.ids for {tokenizer_key} and no tokenizer here: {why})")
     (texts, _), _, _ = assets.load_bbc_news(2225, 0)
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     used = scan_vocabulary((torch.tensor(i) for i in ids if i), len(tokenizer), keep=special_token_ids(tokenizer),
                            device="cpu", progress=False)
     used = used[used < vocab_size]
     batch = torch.tensor([row[:SEQ] for row in ids if len(row) >= SEQ][:BATCH])
-    return used, batch, len(tokenizer)
+    return used, batch, len(tokenizer), f"BBC News through the {tokenizer_key} tokenizer (tokenized here)"
 
 
 def fits_here(model_factory, device) -> bool:
@@ -158,13 +174,14 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
-    rows = []
+    rows, sources = [], {}
     for name, factory, tokenizer_key, causal, note in shapes():
         if args.models and name not in args.models:
             continue
         with torch.device("meta"):
             vocab_size = factory().config.vocab_size
-        used, batch, tokenizer_size = used_fraction_ids(tokenizer_key, vocab_size)
+        used, batch, tokenizer_size, source = used_ids_and_batch(tokenizer_key, vocab_size)
+        sources[name] = source
         if tokenizer_key == "qwen2.5-0.5b" and not causal:  # proxy: the same share of a 250k vocabulary
             share = len(used) / tokenizer_size
             used = torch.linspace(0, vocab_size - 1, int(share * vocab_size)).long().unique()
@@ -178,11 +195,18 @@ def main(argv=None):
                 record["logits_bytes"] = record["logits_bytes"] if run else BATCH * SEQ * len(used) * 4
             rows.append(record)
             print(json.dumps(record), flush=True)
+    write(args.out, device, rows, sources)
+
+
+def write(out: Path, device, rows: list[dict], sources: dict[str, str]) -> None:
+    """memory_<device>.json (rows, environment, where each model's ids came from) and memory_<device>.md."""
+    import transformers
 
     tag = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     env = harness.environment() | {"device": tag, "transformers": transformers.__version__}
-    (args.out / f"memory_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    (out / f"memory_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows, "ids": sources}, indent=2)
+                                            + "\n")
     mib = 2**20
     lines = [
         f"One training step (B={BATCH}, T={SEQ}, AdamW, fp32), 2 transformer layers; device {tag}, "
@@ -200,6 +224,8 @@ def main(argv=None):
             f"{r['logits_bytes'] / mib:,.1f} MiB | {peak} | {'ran' if r['ran'] else 'computed (meta)'} |"
         )
     notes = sorted({r["note"] for r in rows if r["note"]}) + [
+        f"{name}: synthetic ids, not a tokenizer's: {source}." for name, source in sources.items()
+        if source.startswith("synthetic")] + [
         "Counted: tensors the model holds on the device, after the step. Not counted: the full original matrices "
         "replace_embeddings keeps for restore (offload='cpu'): host memory, which leaves the GPU's memory on a GPU "
         "but is the same RAM on a CPU-only run.",
@@ -207,7 +233,7 @@ def main(argv=None):
         "weights can exceed the uncompacted model's; gradients and optimizer state cover only the U used rows.",
     ]
     lines += [""] + [f"- {n}" for n in notes]
-    (args.out / f"memory_{tag}.md").write_text("\n".join(lines) + "\n")
+    (out / f"memory_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, skipped
+from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, select, skipped
 from ids import MissingIds, ids_for
 
 import pema_triton
@@ -47,9 +47,10 @@ def case_name(V, source, N, dtype) -> str:
     return f"V{V}-{src}-N{count}-{str(dtype).split('.')[-1]}"
 
 
-def run(budget: Budget, rounds: int) -> list[dict]:
+def run(budget: Budget, rounds: int, cases: list[str] | None = None) -> list[dict]:
+    """Rows of the grid's cases, or of those whose name matches one of the patterns `cases`, in their order."""
     rows = []
-    for case in grid():
+    for case in select(grid(), cases, case_name):
         V, source, N, dtype = case
         base = {"op": "scan", "case": case_name(*case), "V": V, "N": N, "dtype": str(dtype), "ids": source}
         if budget.spent():

@@ -30,3 +30,17 @@ AXOLOTL_DIR="$VENV/optional/axolotl"
 "${pip[@]}" --no-deps -r examples/assets.txt
 # The peer that tests/test_bench_peers.py and bench/peers.py run beside pema_triton (--no-deps: see the file).
 "${pip[@]}" --no-deps -r bench/peers.txt
+# The anchors `scripts/gpu.sh first-hour` (bench/first_hour.py) times beside the fused loss, for a GPU image with no
+# network: their wheels, downloaded once into .whl/gpu/ (ignored by git; the device tool carries it), installed there
+# offline with --no-deps (torch and triton are the image's). Both py3-none-any, 0.9 MB in all: liger-kernel 0.8.5
+# (torch>=2.1.2, triton>=2.3.1) and cut-cross-entropy 25.1.1 (torch and triton unpinned; PyPI's latest). A pin that
+# changes replaces the package's old wheel; no network here only warns (the GPU run notes the missing anchor).
+GPU_WHEELS=.whl/gpu
+for spec in liger-kernel==0.8.5 cut-cross-entropy==25.1.1; do
+  name=${spec%%==*} version=${spec##*==}
+  stem="$GPU_WHEELS/${name//-/_}"
+  compgen -G "$stem-$version-*.whl" >/dev/null && continue
+  rm -f "$stem"-*.whl
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$GPU_WHEELS" "$spec" \
+    || echo "setup.sh: could not download $spec into $GPU_WHEELS (first-hour will run without it)" >&2
+done

@@ -36,6 +36,51 @@ def test_gpu_parts_dry_run_on_cpu_with_their_checks(tmp_path):
         assert all(r["median_s"] > 0 and r["worst_s"] >= r["median_s"] for r in rows if r["status"] == "ok")
 
 
+def test_first_hour_dry_run_on_cpu_writes_a_status_line_for_every_sub_part(tmp_path):
+    """`scripts/gpu.sh first-hour --dry-run`: the short-window command runs end to end on the CPU without bench/.ids
+    (synthetic ids: nothing crashes for lack of them), and first-hour.md gives every sub-part a status line."""
+    import json
+    import re
+
+    out = tmp_path / "fh"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "PEMA_IDS_DIR": str(tmp_path / "no-ids"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(BENCH.parent / "scripts" / "gpu.sh"), "first-hour", "--dry-run", "--out",
+                             str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    summary = (out / "first-hour.md").read_text()
+    for name, _, _ in _bench_module("first_hour").PLAN:
+        assert re.search(rf"^\| {name} \| (ok|noted)\b", summary, re.M), f"{name}:\n{summary}"
+    for section in ("## Fused loss", "## Lookup and backward", "## Scan", "## Skipped"):
+        assert section in summary
+    for name in ("environment.json", "first-hour.json", "head.json", "kernels.json", "scan.json", "tests.xml"):
+        assert (out / name).stat().st_size > 0, name
+    head = json.loads((out / "head.json").read_text())
+    assert {r["provider"] for r in head["rows"] if "median_s" in r} >= {"fused frozen", "unfused frozen", "restricted"}
+    assert any("synthetic" in note for note in head["notes"])
+    assert json.loads((out / "environment.json").read_text())["first_hour_budget_s"] == 540
+
+
+def test_first_hour_a_crashing_sub_part_is_a_failed_line_and_the_next_one_still_runs(tmp_path, monkeypatch):
+    first_hour = _bench_module("first_hour")
+    ran = []
+
+    def crash(ctx, limit, budget):
+        raise RuntimeError("boom")
+
+    def fine(ctx, limit, budget):
+        ran.append(budget)
+        return {"status": "ok: 1 rows"}
+
+    monkeypatch.setattr(first_hour, "PLAN", [("head", 20, 5), ("kernels", 20, 5)])
+    monkeypatch.setattr(first_hour, "TOTAL_S", 40)
+    monkeypatch.setattr(first_hour, "SUBPARTS", {"head": crash, "kernels": fine})
+    assert first_hour.run(tmp_path, dry=True) == 1
+    summary = (tmp_path / "first-hour.md").read_text()
+    assert "| head | FAILED: RuntimeError: boom |" in summary and "| kernels | ok: 1 rows |" in summary
+    assert ran and 30 < ran[0] <= 35  # 40 s less the kernels' 5 s of grace: the time head left goes on to them
+
+
 def test_pytest_benchmark_front_end_runs_the_same_checked_cases(tmp_path):
     """bench/test_bench_kernels.py, the pytest-benchmark runs: every lookup, backward and scan provider of the CPU
     Zipf cases passes its result check, and the JSON holds each timer's median beside the byte floor."""
