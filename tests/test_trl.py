@@ -19,13 +19,18 @@ from pema_triton.hf import compact_trainer  # noqa: E402  (after the skips: impo
 METRICS = ("loss", "entropy", "mean_token_accuracy")
 
 
-def _grpo(model, folder, reward):
+# Online trainers: their trainer class and config options (RLOO's reference model off: beta = 0, as GRPO's default).
+ONLINE = {"grpo": ("GRPOTrainer", {}), "rloo": ("RLOOTrainer", {"beta": 0.0})}
+
+
+def _online(kind, model, folder, reward):
     import datasets
 
+    trainer_class, options = ONLINE[kind]
     prompts = datasets.Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9", "t10 t11 t5", "t6"] * 2})
-    args = tiny_trl.config("grpo", folder, num_generations=2, max_completion_length=6)
-    return trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
-                           processing_class=tiny_trl.tokenizer())
+    args = tiny_trl.config(kind, folder, num_generations=2, max_completion_length=6, **options)
+    return getattr(trl, trainer_class)(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                                       processing_class=tiny_trl.tokenizer())
 
 
 def _sft(model, tmp_path, data="text", **overrides):
@@ -133,7 +138,7 @@ def test_misuses_of_compact_trainer_are_refused_with_the_model_untouched(tmp_pat
     sft.create_optimizer()
     with pytest.raises(PemaError, match="optimizer exists already"):
         compact_trainer(sft)
-    grpo = _grpo(tiny_trl.model(), tmp_path / "grpo", lambda completions, **_: [0.0] * len(completions))
+    grpo = _online("grpo", tiny_trl.model(), tmp_path / "grpo", lambda completions, **_: [0.0] * len(completions))
     with pytest.raises(PemaError, match="embed_unscanned=True .* or output='restricted'"):
         compact_trainer(grpo)  # frozen: completions would hold unscanned ids; the user must choose
     no_ids = _sft(tiny_trl.model(), tmp_path / "no_ids")
@@ -144,10 +149,12 @@ def test_misuses_of_compact_trainer_are_refused_with_the_model_untouched(tmp_pat
     assert_state(model, before)
 
 
-def test_grpo_with_unscanned_completion_ids_equals_full_training_with_those_rows_frozen(tmp_path):
-    """Online: the scan sees the prompts as GRPO tokenizes them; the completions the model samples hold ids nobody
-    scanned, which `embed_unscanned=True` embeds and scores with their frozen rows. The same samples, rewards,
-    losses and weights as the uncompacted model trained with every row outside the scanned ids frozen."""
+@pytest.mark.parametrize("kind", ONLINE)
+def test_online_training_with_unscanned_completion_ids_equals_full_training_with_those_rows_frozen(tmp_path, kind):
+    """GRPO and RLOO: the scan sees the prompts as the trainer tokenizes them; the completions the model samples
+    hold ids nobody scanned, which `embed_unscanned=True` embeds and scores with their frozen rows. The same
+    samples, rewards, losses and weights as the uncompacted model trained with every row outside the scanned ids
+    frozen."""
     seen = []
 
     def reward(completions, completion_ids, **_):
@@ -156,12 +163,12 @@ def test_grpo_with_unscanned_completion_ids_equals_full_training_with_those_rows
 
     model = tiny_trl.model()
     baseline = copy.deepcopy(model)
-    trainer = _grpo(model, tmp_path / "pema", reward)
+    trainer = _online(kind, model, tmp_path / "pema", reward)
     handle = compact_trainer(trainer, embed_unscanned=True)
     assert set(handle.used_ids.tolist()) == {0, 1, 2, 3, *range(5, 12)}  # the prompts' ids and the specials
     trainer.train()
     assert set(seen) - set(handle.used_ids.tolist())  # completions did reach unscanned ids
-    reference = _grpo(baseline, tmp_path / "baseline", reward)
+    reference = _online(kind, baseline, tmp_path / "baseline", reward)
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "reward", "entropy")
@@ -285,34 +292,4 @@ def test_kto_equals_full_training_with_the_unused_rows_frozen(tmp_path):
     training.freeze_rows_outside(baseline, handle.used_ids)
     reference.train()
     keys = ("loss", "kl")
-    tiny_trl.assert_same_run(trainer, reference, keys, model, baseline)
-
-
-def test_rloo_with_unscanned_completion_ids_equals_full_training_with_those_rows_frozen(tmp_path):
-    """RLOO, online like GRPO: prompts scanned as RLOO tokenizes them, completions embedded and scored with frozen
-    rows where they reach ids nobody scanned."""
-    import datasets
-
-    seen = []
-
-    def reward(completions, completion_ids, **_):
-        seen.extend(i for row in completion_ids for i in row)
-        return [len(c) / 10 for c in completions]
-
-    def rloo(policy, folder):
-        prompts = datasets.Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9", "t10 t11 t5", "t6"] * 2})
-        args = tiny_trl.config("rloo", folder, num_generations=2, max_completion_length=6, beta=0.0)
-        return trl.RLOOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=prompts,
-                               processing_class=tiny_trl.tokenizer())
-
-    model = tiny_trl.model()
-    baseline = copy.deepcopy(model)
-    trainer = rloo(model, tmp_path / "pema")
-    handle = compact_trainer(trainer, embed_unscanned=True)
-    trainer.train()
-    assert set(seen) - set(handle.used_ids.tolist())  # completions did reach unscanned ids
-    reference = rloo(baseline, tmp_path / "baseline")
-    training.freeze_rows_outside(baseline, handle.used_ids)
-    reference.train()
-    keys = ("loss", "reward")
     tiny_trl.assert_same_run(trainer, reference, keys, model, baseline)
