@@ -93,7 +93,8 @@ class PemaHandle:
 
     def __init__(self, model: nn.Module, compaction: Compaction, output_mode: OutputMode, tied: bool):
         self.model, self.compaction, self.output_mode, self.tied = model, compaction, output_mode, tied
-        self.lookup: Compaction | None = None  # with trainable_ids=: the used ids (the compaction: trainable ones)
+        # The used ids the embeddings look up; the compaction (the compact rows) is a subset where only some train.
+        self.lookup: Compaction = compaction
         self.embeddings: list[nn.Embedding] = []
         self.heads: list[nn.Linear] = []
         self._converted: list[tuple[nn.Module, type]] = []  # (module, its class before), in conversion order
@@ -121,16 +122,16 @@ class PemaHandle:
 
     @property
     def num_used(self) -> int:
-        return (self.lookup or self.compaction).num_used
+        return self.lookup.num_used
 
     @property
     def used_ids(self) -> torch.Tensor:
         """[U] int64 sorted used ids (on the CPU): the ids the model embeds."""
-        return (self.lookup or self.compaction).used_ids
+        return self.lookup.used_ids
 
     def save_compaction(self, directory) -> None:
         """Writes `pema_compaction.json`: the used ids and, where only some rows train, the trainable ids."""
-        (self.lookup or self.compaction).save(directory, trainable=self.compaction)
+        self.lookup.save(directory, trainable=self.compaction)
 
     @property
     def trainable_ids(self) -> torch.Tensor:
@@ -340,7 +341,7 @@ class PemaHandle:
 
     def __repr__(self) -> str:
         change = self.state_bytes_after / max(1, self.state_bytes_before) - 1  # > 0 under PEFT: LoRA-only before
-        trainable = "" if self.lookup is None else f", {self.compaction.num_used:,} of them trainable"
+        trainable = "" if self.lookup is self.compaction else f", {self.compaction.num_used:,} of them trainable"
         return (
             f"PemaHandle(V={self.vocab_size:,}, U={self.num_used:,} ({self.num_used / self.vocab_size:.1%})"
             f"{trainable}, output={self.output!r}, tied={self.tied}, trainable params {self.params_before:,} -> "

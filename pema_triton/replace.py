@@ -93,7 +93,7 @@ def replace_embeddings(
     lookup, compaction = _compactions(used_ids, trainable_ids, targets.vocab_size, mode, process_group)
     warn_missing_special_ids(model, lookup, tokenizer)
     handle, stats_before = PemaHandle(model, compaction, mode, targets.tied), trainable_stats(model)
-    handle.lookup = None if compaction is lookup else lookup
+    handle.lookup = lookup
     _compact(handle, targets, _offload_device(offload), backend=backend, deterministic=deterministic,
              check_ids=check_ids)
     if peft_model is not None:
@@ -131,7 +131,7 @@ def _compact(handle: PemaHandle, targets: _Targets, offload: torch.device | None
         keep_buffers_out_of_ddp(handle)
         wrap_method(handle, "_apply", functools.partial(kept_matrices_follow_dtype, handle))
         handle.offload(offload)
-        if handle.lookup is not None:
+        if handle.lookup is not handle.compaction:
             look_up_frozen_used_ids(handle)  # after the offload: an untied input's frozen rows are read there
     except BaseException:
         handle.undo(merge=False)
