@@ -86,7 +86,7 @@ def _used_ids(tokenizer_key: str | None, vocab_size: int) -> tuple[torch.Tensor,
 
 def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
     """What a provider holds before its step (built outside the measured peak): the compacted head, and the
-    remap and target-column tables."""
+    remap table from ids to its columns (`restricted`'s targets)."""
     from pema_triton import CompactLMHead
     from pema_triton.ops import build_remap
 
@@ -97,8 +97,7 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
     linear.weight = torch.nn.Parameter(full)
     mode = "frozen" if "frozen" in provider else "restricted"
     remap = build_remap(used, vocab_size).to(full.device)
-    columns = torch.arange(len(used), dtype=torch.int32, device=full.device)
-    return {"head": CompactLMHead(linear, used, output=mode), "mode": mode, "remap": remap, "columns": columns}
+    return {"head": CompactLMHead(linear, used, output=mode), "mode": mode, "remap": remap}
 
 
 def _step(provider: str, held: dict, hidden, targets):
@@ -114,9 +113,8 @@ def _step(provider: str, held: dict, hidden, targets):
             loss = -compact_linear_log_probs(h, head.weight, head.frozen_weight, head.used_ids, target,
                                              outputs=_TRL_OUTPUTS)["log_probs"].mean()
         elif provider.startswith("fused"):
-            frozen = head.frozen_weight if frozen_mode else head.weight
-            loss = compact_linear_cross_entropy(h, head.weight, frozen, held["remap" if frozen_mode else "columns"],
-                                                target)
+            full, used = (head.frozen_weight, head.used_ids) if frozen_mode else (None, None)
+            loss = compact_linear_cross_entropy(h, head.weight, full, used, target)
         else:
             loss = F.cross_entropy(head(h).float(), target)
         loss.backward()

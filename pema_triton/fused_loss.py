@@ -78,13 +78,13 @@ class FusedLossCall:
 
 
 class FusedLoss:
-    """The fused-loss behaviour, mixed in before a head mode (frozen or restricted) that has a `loss_remap`."""
+    """The fused-loss behaviour, mixed in before a head mode (frozen or restricted) that says its `loss_head`."""
 
     fused_loss = True
 
-    def loss_remap(self, head) -> torch.Tensor:
-        """[V'] int32 table from the loss's target ids to rows of `head.weight` (-1: the row is in
-        `self.frozen_rows(head)`), where V' is the width of the mode's logits."""
+    def loss_head(self, head) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(full_weight [V, D], used_ids [U]) for :func:`~pema_triton.ops.compact_linear_cross_entropy`, or
+        (None, None) where `head.weight` is the whole head (its columns the targets)."""
         raise NotImplementedError
 
     @property
@@ -93,13 +93,11 @@ class FusedLoss:
 
     def setup_head(self, head, full_weight, full_bias):
         super().setup_head(head, full_weight, full_bias)
-        head.register_buffer("loss_remap", self.loss_remap(head), persistent=False)
         head.fused_call = FusedLossCall()
         LabelCheck.attach(head, True)  # targets outside the vocabulary (check_ids= set by patch_model)
 
     def teardown_head(self, head):
         super().teardown_head(head)
-        head._buffers.pop("loss_remap", None)
         head.__dict__.pop("fused_call", None)
         LabelCheck.detach(head)
 
@@ -112,8 +110,9 @@ class FusedLoss:
         if targets is None:
             return super().head_forward(head, hidden)
         targets = _checked_targets(head, targets.to(hidden.device), ignore_index)
+        full_weight, used_ids = self.loss_head(head)
         head.fused_call.loss = compact_linear_cross_entropy(
-            hidden, head.weight, self.frozen_rows(head), head.loss_remap, targets, num_items_in_batch=num_items,
+            hidden, head.weight, full_weight, used_ids, targets, num_items_in_batch=num_items,
             ignore_index=ignore_index, backend=head.fused_call.backend,
         )
         return hidden.new_empty(*hidden.shape[:-1], 0)  # the logits the model never needs: [..., 0]
@@ -196,7 +195,7 @@ def _checked_targets(head, targets: torch.Tensor, ignore_index: int) -> torch.Te
     """Targets outside [0, V) (other than `ignore_index`) are counted for the label check and count for nothing
     meanwhile: the error comes at this forward on CPU, a forward or two later on CUDA (no host sync), or at
     `handle.check_ids()`, as for the embedding's bad ids; no step trains on them in between."""
-    width = head.loss_remap.numel()
+    width = head.out_features  # V, or U in `restricted` (whose targets are columns)
     bad = ((targets < 0) | (targets >= width)) & (targets != ignore_index)
     shown = torch.where(targets == ignore_index, 0, targets)  # what the error names: the bad ones only
     head.label_check.count(head, shown, bad, _every_label_valid(head))
@@ -206,7 +205,7 @@ def _checked_targets(head, targets: torch.Tensor, ignore_index: int) -> torch.Te
 def _every_label_valid(head) -> torch.Tensor:
     """A [V] "remap" with a row for every id (zero-strided: no memory), so the watch's error names only the labels
     outside [0, V), never an unused one: the fused loss's softmax runs over the whole vocabulary."""
-    return torch.zeros(1, dtype=torch.int32, device=head.bad_label_count.device).expand(head.loss_remap.numel())
+    return torch.zeros(1, dtype=torch.int32, device=head.bad_label_count.device).expand(head.out_features)
 
 
 def _give_loss(head, model, args, output):

@@ -34,7 +34,6 @@ from .model_patches import (
     wrap_method,
 )
 from .ops.frozen_head_linear import frozen_head_linear
-from .ops.remap import build_remap
 
 __all__ = [
     "FROZEN", "FUSED_FROZEN", "FUSED_RESTRICTED", "OUTPUT_MODES", "RESTRICTED", "UNTOUCHED", "OutputMode", "head_mode",
@@ -217,15 +216,15 @@ class RestrictedHead(OutputMode):
 class FusedFrozenHead(FusedLoss, FrozenHead):
     """`frozen` with the fused loss: the head's rows from the compact Parameter (used ids) and the frozen buffer."""
 
-    def loss_remap(self, head):
-        return build_remap(head.used_ids, head.num_embeddings)
+    def loss_head(self, head):
+        return head.frozen_weight, head.used_ids
 
 
 class FusedRestrictedHead(FusedLoss, RestrictedHead):
     """`restricted` with the fused loss: a softmax over the U used rows, every one trainable (no frozen rows)."""
 
-    def loss_remap(self, head):
-        return torch.arange(head.num_used, dtype=torch.int32, device=head.used_ids.device)
+    def loss_head(self, head):
+        return None, None
 
 
 FROZEN, RESTRICTED, UNTOUCHED = FrozenHead(), RestrictedHead(), UntouchedHead()

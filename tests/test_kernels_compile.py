@@ -5,7 +5,8 @@ compile, or compile to a tile that spills to local memory. tests/helpers/compile
 its launcher configures it on a GPU, with the divisibility hints a launch on real tensors gives, and reads the
 machine code back (cuobjdump). Checked here: it compiles, nothing spills, the atomics are relaxed (`REDG` without a
 `MEMBAR.*.GPU` fence; Triton's default acq_rel puts one around every vectorised add) and vectorised, the fused
-loss's bf16 tiles run on wgmma fed by cp.async, and no index product is computed in 32 bits.
+loss's row pass streams with vector loads and no atomic, and no index product is computed in 32 bits. (The fused
+loss's GEMMs are cuBLAS's, not Triton's: nothing of them to compile here.)
 """
 
 import json
@@ -30,7 +31,7 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90_without_spilling(compiled):
-    assert len(compiled) == 15  # 6 per training dtype (bf16, fp32) + the scan for int32 and int64 ids + packed
+    assert len(compiled) == 13  # 5 per training dtype (bf16, fp32) + the scan for int32 and int64 ids + packed
     for name, row in compiled.items():
         assert "error" not in row, f"{name}: {row.get('error')}"
         assert row["local_bytes"] == 0, f"{name} spills {row['local_bytes']} bytes to local memory"
@@ -42,19 +43,18 @@ def test_atomics_are_relaxed_and_the_sorted_backward_uses_none(compiled):
         gpu_fences = [op for op in row["memory_ops"] if op.startswith("MEMBAR") and "CTA" not in op]
         assert not gpu_fences, f"{name} fences its atomics: {row['memory_ops']}"
     assert any(op.startswith("REDG.E.ADD.F32") for op in compiled["scatter-atomic-bf16"]["memory_ops"])
-    for dtype in ("bf16", "fp32"):  # written once per row, no read-modify-write
+    for dtype in ("bf16", "fp32"):  # written once per row / element, no read-modify-write
         assert compiled[f"scatter-sorted-{dtype}"]["memory_ops"] == []
+        assert compiled[f"cross-entropy-rows-{dtype}"]["memory_ops"] == []
     assert any(op.startswith("REDG.E.OR") for op in compiled["scan-packed"]["memory_ops"])
 
 
 def test_what_a_launch_builds_uses_the_hardware_and_64_bit_offsets(compiled):
     for dtype in ("bf16", "fp32"):
-        for kernel in ("lookup", "scatter-atomic", "scatter-sorted"):
+        for kernel in ("lookup", "scatter-atomic", "scatter-sorted", "cross-entropy-rows"):
             assert compiled[f"{kernel}-{dtype}"]["vector_loads"], f"{kernel}-{dtype} loads element by element"
         assert any("F32x4" in op for op in compiled[f"scatter-atomic-{dtype}"]["memory_ops"])  # 16-byte atomics
-        for kernel in ("linear-ce-forward", "linear-ce-backward"):
-            assert compiled[f"{kernel}-{dtype}"]["cp_async"], f"{kernel}-{dtype}: tiles not pipelined"
-    for kernel in ("linear-ce-forward-bf16", "linear-ce-backward-bf16"):
-        assert compiled[kernel]["wgmma"], f"{kernel}: no Hopper tensor-core MMA"
+        # A streaming pass needs programs in flight: <= 64 registers is 8 programs of 4 warps per SM (58 measured).
+        assert compiled[f"cross-entropy-rows-{dtype}"]["registers"] <= 64
     for name, row in compiled.items():  # V * D passes 2^31 at V = 152k, D = 14,336: offsets must be 64-bit
         assert row["i32_index_products"] == [], f"{name}: {row['i32_index_products']}"

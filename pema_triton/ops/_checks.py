@@ -77,22 +77,28 @@ def check_scan_state(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Te
 
 
 def check_linear_cross_entropy_inputs(
-    hidden: torch.Tensor, weight: torch.Tensor, frozen_weight: torch.Tensor, remap: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, full_weight: torch.Tensor | None, used_ids: torch.Tensor | None,
+    targets: torch.Tensor,
 ) -> None:
-    """Checks `hidden` [N, D], `weight` [U, D], `frozen_weight` [V, D], `remap` [V] and `targets` [N] for the fused
-    head + cross-entropy."""
+    """Checks `hidden` [N, D], `weight` [U, D], `full_weight` [V, D] with `used_ids` [U] (or both None: `weight`
+    is the whole head) and `targets` [N] for the fused head + loss and the per-token log-probs."""
     check_id_dtype(targets, "targets")
-    for tensor, name in ((hidden, "hidden"), (weight, "weight"), (frozen_weight, "frozen_weight")):
+    if (full_weight is None) != (used_ids is None):
+        raise PemaError("pass full_weight and used_ids together (a frozen head), or neither (weight is the head)")
+    named = ((hidden, "hidden"), (weight, "weight"), (full_weight, "full_weight"))
+    for tensor, name in ((t, n) for t, n in named if t is not None):
         check_float(tensor, name)
         if tensor.dim() != 2:
             raise PemaError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
         check_same_device(tensor, name, targets)
-    check_remap(remap, targets.device)
-    dim, vocab_size = hidden.shape[1], remap.numel()
-    if weight.shape[1] != dim or tuple(frozen_weight.shape) != (vocab_size, dim):
-        raise PemaError(
-            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and frozen_weight "
-            f"{tuple(frozen_weight.shape)} must be [N, D], [U, D] and [V, D] with V = {vocab_size} (the remap's length)"
-        )
+    dim, num_used = hidden.shape[1], weight.shape[0]
+    if weight.shape[1] != dim or (full_weight is not None and full_weight.shape[1] != dim):
+        raise PemaError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and full_weight "
+                        f"{None if full_weight is None else tuple(full_weight.shape)} must share their width D")
+    if used_ids is not None:
+        check_same_device(used_ids, "used_ids", targets)
+        if used_ids.dtype != torch.int64 or tuple(used_ids.shape) != (num_used,):
+            raise PemaError(f"used_ids must be int64 [U] = [{num_used}] (weight's rows), got {used_ids.dtype} "
+                            f"{tuple(used_ids.shape)}")
     if tuple(targets.shape) != (hidden.shape[0],):
         raise PemaError(f"targets must be [N] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")

@@ -111,8 +111,8 @@ def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
     """`acc += a @ b` into an fp32 `acc` without rounding the product to `a`'s half dtype first: the head gradient
     sums one product per chunk of tokens (N / 441 of them at V = 152k), and bf16 products summed in fp32 lose
     ~8 bits each time; the GEMM still runs on half inputs (tensor cores) with an fp32 output on CUDA."""
-    if a.dtype == torch.float32 or not (a.is_cuda and _ADDMM_OUT_DTYPE):
-        acc.addmm_(a.float(), b.float())
+    if a.dtype in (torch.float32, torch.float64) or not (a.is_cuda and _ADDMM_OUT_DTYPE):
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     else:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 

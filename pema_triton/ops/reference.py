@@ -1,4 +1,4 @@
-"""Pure-PyTorch versions of every op: the lookup, its backward, the scan and the fused head + cross-entropy.
+"""Pure-PyTorch versions of every op: the lookup, its backward, the scan and the fused loss's row pass.
 
 They are the CPU path for users without a GPU and the oracle every Triton kernel is tested against, so they
 favour clarity over speed; each mirrors its kernel's contract exactly (shapes, dtypes, what counts as a bad id).
@@ -16,14 +16,13 @@ import torch.nn.functional as F
 
 from ._checks import (
     accumulation_dtype,
-    check_linear_cross_entropy_inputs,
     check_lookup_inputs,
     check_scan_state,
     check_scatter_inputs,
 )
 from .remap import compact_rows
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_backward", "lookup", "lookup_backward", "scan_ids"]
+__all__ = ["cross_entropy_rows", "lookup", "lookup_backward", "scan_ids"]
 
 
 def _all_in_vocabulary(flat: torch.Tensor, vocab_size: int) -> bool:
@@ -135,105 +134,38 @@ def scan_ids(
     return (~valid & ~skipped).sum().to(torch.int32).reshape(1)
 
 
-# Chunk sizes of the fused head + loss: a [tokens, vocabulary] fp32 logit block of at most 1024 x 2048 = 8 MiB,
-# whatever N and V are (the unfused head holds all N x V: 1024 tokens x 49,152 ids is already 192 MiB), worked on
-# in place so that one such block is alive at a time. Smaller blocks cost time (Python steps, smaller GEMMs).
-_TOKEN_CHUNK, _VOCAB_CHUNK = 1024, 2048
-
-
-def _head_rows(weight, frozen_weight, remap, start, stop, dtype):
-    """[stop - start, D] rows of the head rounded to `dtype` and held in its accumulation dtype: trainable rows
-    from the compact `weight` through `remap`, the others from `frozen_weight`. One vocabulary chunk at a time,
-    never the [V, D] matrix. Products of the rounded values summed in fp32 are what the kernels compute."""
-    rows = remap[start:stop].long()
-    trainable = rows >= 0
-    # torch.where, not a masked assignment: shapes that do not depend on the ids, so torch.compile traces it.
-    chunk = torch.where(trainable[:, None], weight[rows.clamp(min=0)], frozen_weight[start:stop]).to(dtype)
-    return chunk.to(accumulation_dtype(dtype)), rows, trainable
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    frozen_weight: torch.Tensor,
-    remap: torch.Tensor,
+def cross_entropy_rows(
+    logits: torch.Tensor,
     targets: torch.Tensor,
+    scale: torch.Tensor,
     ignore_index: int = -100,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy of the head's logits over all V rows, without the [N, V] logits.
+    write_grad: bool = True,
+) -> torch.Tensor:
+    """The fused loss's row pass over one chunk of logits: each token's loss and, in place, its logit gradient.
 
     Args:
-        hidden: [N, D]. weight: [U, D] trainable rows. frozen_weight: [V, D], read where `remap` is -1.
-        remap: [V] int32 compact row of each id, -1 for a frozen one. targets: [N] ids in [0, V) or `ignore_index`.
-        compute_dtype: the dtype of the logit GEMM's inputs (the autocast dtype under autocast); accumulation fp32.
+        logits: [n, V'] contiguous, in the dtype of the GEMM that made them; where `write_grad`, overwritten with
+            `(softmax(logits) - onehot(targets)) * scale[:, None]` in that dtype (what the two gradient GEMMs read).
+        targets: [n] int64 columns; a target outside [0, V') scores no logit (its loss is the log-sum-exp).
+        scale: [n] fp32 weight of each token's loss in the total (1 / denominator, 0 where ignored).
+        ignore_index: the target whose loss is 0.
 
     Returns:
-        loss: [N] fp32 (fp64 for fp64), `logsumexp(logits) - logits[target]`, 0 where ignored. lse: [N] likewise.
+        loss: [n] fp32 (fp64 for fp64) `logsumexp(logits) - logits[target]`, 0 where the target is `ignore_index`.
     """
-    check_linear_cross_entropy_inputs(hidden, weight, frozen_weight, remap, targets)
-    dtype = compute_dtype or hidden.dtype
-    acc = accumulation_dtype(dtype)
-    vocab_size, num_tokens = remap.numel(), hidden.shape[0]
-    lse = torch.empty(num_tokens, dtype=acc, device=hidden.device)
-    target_logit = torch.zeros(num_tokens, dtype=acc, device=hidden.device)
-    for n0 in range(0, num_tokens, _TOKEN_CHUNK):
-        h = hidden[n0 : n0 + _TOKEN_CHUNK].to(dtype).to(acc)
-        t = targets[n0 : n0 + _TOKEN_CHUNK]
-        parts = []
-        for v0 in range(0, vocab_size, _VOCAB_CHUNK):
-            w, _, _ = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
-            logits = h @ w.t()
-            inside = (t >= v0) & (t < v0 + w.shape[0])
-            picked = logits.gather(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
-            target_logit[n0 : n0 + _TOKEN_CHUNK] += torch.where(inside, picked, 0.0)
-            top = logits.amax(dim=1)  # log-sum-exp in place: one [tokens, vocabulary] block alive
-            parts.append(top + logits.sub_(top[:, None]).exp_().sum(dim=1).log_())
-        lse[n0 : n0 + _TOKEN_CHUNK] = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+    acc = accumulation_dtype(logits.dtype)
+    z = logits.to(acc)  # a half chunk is upcast once (as F.cross_entropy's .float() on the unfused logits)
+    width = z.shape[1]
+    inside = (targets >= 0) & (targets < width)
+    column = targets.clamp(0, max(width - 1, 0))[:, None]
+    target_logit = torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
+    lse = torch.logsumexp(z, dim=1)
     loss = torch.where(targets != ignore_index, lse - target_logit, 0.0)
-    return loss, lse
-
-
-def linear_cross_entropy_backward(
-    grad_loss: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    frozen_weight: torch.Tensor,
-    remap: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `sum(grad_loss * loss)` for :func:`linear_cross_entropy`, logits recomputed by chunks.
-
-    Args:
-        grad_loss: [N] weight of each token's loss (0 where ignored). lse: [N] from the forward.
-
-    Returns:
-        grad_hidden: [N, D] (over all V rows), grad_weight: [U, D] (the trainable rows only), both accumulated in
-        fp32 (fp64 for fp64).
-    """
-    check_linear_cross_entropy_inputs(hidden, weight, frozen_weight, remap, targets)
-    dtype = compute_dtype or hidden.dtype
-    acc = accumulation_dtype(dtype)
-    vocab_size, num_tokens = remap.numel(), hidden.shape[0]
-    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
-    for n0 in range(0, num_tokens, _TOKEN_CHUNK):
-        chunk = slice(n0, n0 + _TOKEN_CHUNK)
-        h, t, g = hidden[chunk].to(dtype).to(acc), targets[chunk], grad_loss[chunk]
-        for v0 in range(0, vocab_size, _VOCAB_CHUNK):
-            w, rows, trainable = _head_rows(weight, frozen_weight, remap, v0, v0 + _VOCAB_CHUNK, dtype)
-            grad_logits = (h @ w.t()).sub_(lse[chunk, None]).exp_()  # the softmax, in place
-            inside = (t >= v0) & (t < v0 + w.shape[0])
-            # Minus the one-hot target (x + -0.0 is x elsewhere), with shapes that do not depend on the ids.
-            grad_logits.scatter_add_(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None], -inside.to(acc)[:, None])
-            grad_logits.mul_(g[:, None])
-            # Rounded to the compute dtype for the two GEMMs, as autograd's gradient of a half-precision head is.
-            grad_logits = grad_logits.to(dtype).to(acc)
-            grad_hidden[chunk].addmm_(grad_logits, w)
-            if torch.compiler.is_compiling():  # every column, the frozen ones zeroed into row 0: static shapes
-                grad_weight.index_add_(0, rows.clamp(min=0), (grad_logits * trainable).t() @ h)
-            else:  # only the trainable columns: (V - U) / V less of this GEMM
-                grad_weight.index_add_(0, rows[trainable], grad_logits[:, trainable].t() @ h)
-    return grad_hidden, grad_weight
+    if write_grad:
+        # z becomes the gradient in place: softmax, minus the one-hot target (x + -0.0 is x elsewhere), scaled.
+        z = z.sub_(lse[:, None]).exp_()
+        z.scatter_add_(1, column, -inside.to(acc)[:, None])
+        z.mul_(scale.to(acc)[:, None])
+        if logits.dtype != acc:  # else z is logits itself
+            logits.copy_(z)
+    return loss

@@ -2,8 +2,8 @@
 prints one JSON line per kernel: registers, local memory (spills), the atomic / fence instructions in its SASS, what
 its PTX uses (cp.async, wgmma, vector loads) and any 32-bit index products in its TTGIR. It compiles what a launch
 compiles: with the 16-byte divisibility hints of aligned pointers and of D and V. Without them (Triton 3.9) the
-fused loss's kernels took 255 registers, no cp.async and scalar atomics, and no kernel had a vector load: kernels
-nobody launches (with them: 131 / 160 registers, cp.async, 16-byte atomics, vector loads).
+first fused loss's kernels took 255 registers, no cp.async and scalar atomics, and no kernel had a vector load:
+kernels nobody launches (with them: 131 / 160 registers, cp.async, 16-byte atomics, vector loads).
 
     python tests/helpers/compile_sm90.py      # TRITON_INTERPRET must be unset: the interpreter compiles nothing
 
@@ -24,9 +24,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # The modules, not the launchers pema_triton.ops.kernels re-exports under the same names (`lookup`).
-linear_cross_entropy, lookup, lookup_backward, scan = (
+cross_entropy_rows, lookup, lookup_backward, scan = (
     importlib.import_module(f"pema_triton.ops.kernels.{m}")
-    for m in ("linear_cross_entropy", "lookup", "lookup_backward", "scan")
+    for m in ("cross_entropy_rows", "lookup", "lookup_backward", "scan")
 )
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -51,14 +51,10 @@ def _kernels():
         yield (f"scatter-sorted-fixup-{dt}", lookup_backward._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
                "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "C": "i32", "D": "i32"},
                {"BLOCK_K": blocks["BLOCK_K"], "BLOCK_D": blocks["BLOCK_D"]})
-        tdt = {"bf16": tl.bfloat16, "fp32": tl.float32}[dt]
-        head = {"hidden_ptr": p, "weight_ptr": p, "frozen_ptr": p, "remap_ptr": "*i32", "targets_ptr": "*i64"}
-        consts = {"V": 128_256, "D": 4096, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "IN_DTYPE": tdt,
-                  "DOT_DTYPE": tdt, "ACC_DTYPE": tl.float32, "PRECISION": "ieee"}
-        yield (f"linear-ce-forward-{dt}", linear_cross_entropy._forward_kernel, head | {"loss_ptr": "*fp32",
-               "lse_ptr": "*fp32", "N": "i32"}, consts | {"IGNORE": -100})
-        yield (f"linear-ce-backward-{dt}", linear_cross_entropy._backward_kernel, head | {"lse_ptr": "*fp32",
-               "grad_loss_ptr": "*fp32", "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "N": "i32"}, consts)
+        yield (f"cross-entropy-rows-{dt}", cross_entropy_rows._cross_entropy_rows_kernel, {"logits_ptr": p,
+               "targets_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32"},
+               {"IGNORE": -100, "V": 151_936, "BLOCK_V": cross_entropy_rows.block_v(151_936),
+                "ACC_DTYPE": tl.float32, "WRITE_GRAD": True})
     for ids in ("i32", "i64"):
         yield (f"scan-{ids}", scan._scan_kernel, {"ids_ptr": f"*{ids}", "byte_map_ptr": "*u8", "counts_ptr": "*i64",
                "num_bad_ptr": "*i32", "N": "i32", "V": "i32", "ignore_index": "i32"},

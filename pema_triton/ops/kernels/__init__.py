@@ -8,12 +8,12 @@ run on CPU tensors (Triton picks the interpreter when a kernel is decorated).
 """
 
 from ._common import INTERPRET
-from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_backward
+from .cross_entropy_rows import cross_entropy_rows
 from .lookup import lookup
 from .lookup_backward import lookup_backward
 from .scan import scan_ids, scan_ids_packed, used_ids_from_packed
 
 __all__ = [
-    "INTERPRET", "linear_cross_entropy", "linear_cross_entropy_backward", "lookup", "lookup_backward", "scan_ids",
-    "scan_ids_packed", "used_ids_from_packed",
+    "INTERPRET", "cross_entropy_rows", "lookup", "lookup_backward", "scan_ids", "scan_ids_packed",
+    "used_ids_from_packed",
 ]
