@@ -169,7 +169,7 @@ def test_the_chunk_changes_nothing_but_round_off_and_bounds_the_transient_memory
     for got, want in zip(chunked, whole):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert tokens_per_chunk(300, 130, 33, torch.float64, SMALL_CHUNKS) == 7
-    chunk = tokens_per_chunk(32768, 151936, 30371, torch.bfloat16)  # the GPU goal's shape, 512 MiB
+    chunk = tokens_per_chunk(32768, 151936, 30371, torch.bfloat16)  # the GPU goal's shape, 512 MiB (the GPU default)
     assert chunk % 128 == 0 and chunk * (151936 + 30371) * 2 <= 512 * 2**20 < (chunk + 128) * (151936 + 30371) * 2
     assert tokens_per_chunk(5, 10**9, None, torch.float32) == 1  # at least one token, whatever V is
 

@@ -26,12 +26,14 @@ from ._checks import accumulation_dtype, check_linear_cross_entropy_inputs
 from .dispatch import kernels_or_reference, uses_kernels
 from .linear_log_probs import add_product_fp32
 
-__all__ = ["compact_linear_cross_entropy", "tokens_per_chunk"]
+__all__ = ["CHUNK_BYTES", "compact_linear_cross_entropy", "tokens_per_chunk"]
 
-# A chunk's logits and the used columns of their gradient: 512 MiB is 1,408 tokens at V = 152k, U = 30k in bf16,
-# enough rows for the GEMMs to run at full speed (cuBLAS reaches its peak from about 1k rows at D = 4,096), and a
-# fraction of the unfused head's [N, V] logits (9.3 GiB in bf16 at N = 32k).
-CHUNK_BYTES = 512 * 2**20
+# A chunk's logits and the used columns of their gradient. On a GPU 512 MiB: 1,408 tokens at V = 152k, U = 30k in
+# bf16, enough rows for cuBLAS to reach its peak (from about 1k rows at D = 4,096), a fraction of the unfused head's
+# [N, V] logits (9.3 GiB in bf16 at N = 32k). On a CPU 64 MiB: 128 tokens at SmolLM2's V = 49k, U = 26k in fp32,
+# as fast as 512 MiB there (2.5 s vs 2.3-2.5 s a step at N = 2,048: the GEMMs are 87% of it either way) with an
+# eighth of the memory; 16 MiB took 3.4 s (55-token GEMMs, and the fp32 [U, D] accumulator read and written 37 times).
+CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def _loss_and_gradients(hidden, head, used_ids, num_rows, targets, scale, params
 
 
 def tokens_per_chunk(num_tokens: int, width: int, num_used: int | None, dtype: torch.dtype,
-                     chunk_bytes: int = CHUNK_BYTES, upcast: bool = False) -> int:
+                     chunk_bytes: int = CHUNK_BYTES["cuda"], upcast: bool = False) -> int:
     """Tokens per chunk: its logits [n, V'] and their gradient's used columns [n, U] (U = None: none gathered) in
     `dtype`, plus an fp32 copy of the logits where the row pass `upcast`s a half chunk (the reference's), within
     `chunk_bytes`; a multiple of 128 rows (GEMM tiles) where that leaves at least one."""
@@ -122,7 +124,7 @@ def compact_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """`F.cross_entropy(hidden @ head.T, targets)` for a head whose used rows train, without the [N, V] logits.
 
@@ -139,7 +141,8 @@ def compact_linear_cross_entropy(
         num_items_in_batch: divide the summed loss by this (the Trainer's gradient accumulation), else the mean
             over non-ignored tokens (NaN where every token is ignored, as `F.cross_entropy`).
         backend: the row pass's ("auto": Triton on a GPU); the GEMMs are torch's on every backend.
-        chunk_bytes: a chunk's transient memory (its logits and their gradient's used columns).
+        chunk_bytes: a chunk's transient memory (its logits and their gradient's used columns); by default
+            :data:`CHUNK_BYTES` of the device type (512 MiB on a GPU, 64 MiB on a CPU).
 
     Returns:
         scalar fp32 loss (fp64 for fp64); gradients flow to `hidden` and to `weight` ([U, D]) only.
@@ -150,6 +153,8 @@ def compact_linear_cross_entropy(
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
     width = weight.shape[0] if full_weight is None else full_weight.shape[0]
     kernels = uses_kernels(backend, device)
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     chunk = tokens_per_chunk(flat_hidden.shape[0], width, None if used_ids is None else used_ids.numel(), dtype,
                              chunk_bytes, upcast=not kernels)
     params = _LossParams(ignore_index, dtype, chunk, kernels_or_reference(kernels))
