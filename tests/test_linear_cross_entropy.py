@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.devices import BACKENDS, DEVICE
+from helpers.devices import BACKENDS, DEVICE, gpu_only
 from pema_triton.errors import PemaDTypeError, PemaError
 from pema_triton.ops import compact_linear_cross_entropy, dispatch, reference
 from pema_triton.ops.linear_cross_entropy import tokens_per_chunk
@@ -206,3 +206,40 @@ def test_bad_inputs_are_typed_errors_before_any_gemm(what, change, error, backen
     with pytest.raises(error):
         compact_linear_cross_entropy(**change(args), backend=backend)
     assert torch.equal(args["full_weight"], before)  # refused before the buffer was touched
+
+
+@gpu_only
+def test_half_products_add_into_fp32_on_cuda_without_falling_back():
+    """The head gradient's GEMM: bf16 inputs, fp32 output added in place (torch.addmm(out_dtype=)), never run before a
+    GPU session; a build without it would warn and fall back to an fp32 GEMM."""
+    import warnings
+
+    from pema_triton.ops import linear_log_probs
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(*shape, generator=gen, device="cuda").bfloat16() for shape in ((300, 500), (500, 70)))
+    acc = torch.randn(300, 70, generator=gen, device="cuda")
+    want = acc.double() + a.double() @ b.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear_log_probs.add_product_fp32(acc, a, b)
+    assert linear_log_probs._ADDMM_OUT_DTYPE and acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)  # fp32 round-off, not bf16's 4e-3
+
+
+@gpu_only
+def test_row_pass_offsets_past_2_31_elements():
+    """A chunk of 14,200 x 151,936 bf16 logits (2.16e9 elements, 4.3 GB): its last rows start past 2^31."""
+    n, width = 14_200, 151_936
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.zeros(n, width, device="cuda", dtype=torch.bfloat16)
+    tail = slice(n - 3, n)
+    logits[tail] = (4 * torch.randn(3, width, generator=gen, device="cuda")).bfloat16()
+    targets = torch.randint(0, width, (n,), generator=gen, device="cuda")
+    scale = torch.full((n,), 1 / 3, device="cuda")
+    want = logits[tail].clone()
+    want_loss = reference.cross_entropy_rows(want, targets[tail], scale[tail], -100, True)
+    loss = dispatch.kernels_or_reference(True).cross_entropy_rows(logits, targets, scale, -100, True)
+    torch.testing.assert_close(loss[tail], want_loss, rtol=1e-5, atol=1e-4)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(logits[tail], want, rtol=2 * eps, atol=2 * eps)

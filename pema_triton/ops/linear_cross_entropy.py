@@ -30,10 +30,10 @@ __all__ = ["CHUNK_BYTES", "compact_linear_cross_entropy", "tokens_per_chunk"]
 
 # A chunk's logits and the used columns of their gradient. On a GPU 512 MiB: 1,408 tokens at V = 152k, U = 30k in
 # bf16, enough rows for cuBLAS to reach its peak (from about 1k rows at D = 4,096), a fraction of the unfused head's
-# [N, V] logits (9.3 GiB in bf16 at N = 32k). On a CPU 64 MiB: 128 tokens at SmolLM2's V = 49k, U = 26k in fp32,
-# as fast as 512 MiB there (2.5 s vs 2.3-2.5 s a step at N = 2,048: the GEMMs are 87% of it either way) with an
-# eighth of the memory; 16 MiB took 3.4 s (55-token GEMMs, and the fp32 [U, D] accumulator read and written 37 times).
-CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
+# [N, V] logits (9.3 GiB in bf16 at N = 32k). On a CPU 256 MiB: the GEMMs (87% of a step) want rows there too. At
+# SmolLM2's V = 49k, U = 26k, fp32, N = 2,048, one process, interleaved, median of 3, against 2,320 ms unfused:
+# 64 MiB (128 tokens) 2,573 ms, 128 MiB 2,421, 256 MiB (768 tokens) 2,238, 512 MiB 2,196.
+CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 256 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def compact_linear_cross_entropy(
             over non-ignored tokens (NaN where every token is ignored, as `F.cross_entropy`).
         backend: the row pass's ("auto": Triton on a GPU); the GEMMs are torch's on every backend.
         chunk_bytes: a chunk's transient memory (its logits and their gradient's used columns); by default
-            :data:`CHUNK_BYTES` of the device type (512 MiB on a GPU, 64 MiB on a CPU).
+            :data:`CHUNK_BYTES` of the device type (512 MiB on a GPU, 256 MiB on a CPU).
 
     Returns:
         scalar fp32 loss (fp64 for fp64); gradients flow to `hidden` and to `weight` ([U, D]) only.

@@ -9,6 +9,7 @@ chunk is held to `chunk_bytes` (256 MiB by default: 441 tokens at V = 152k).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,18 +104,26 @@ class _CompactLinearLogProbs(torch.autograd.Function):
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
 
 
-# torch.addmm(..., out_dtype=torch.float32) of half inputs: CUDA only (the CPU build has no kernel for it).
-_ADDMM_OUT_DTYPE = "out_dtype" in (torch.addmm.__doc__ or "") or hasattr(torch.ops.aten.addmm, "dtype_out")
+# torch.addmm(..., out_dtype=torch.float32) of half inputs: CUDA only (the CPU build has no kernel for it). Set to
+# False, with a warning, the first time a CUDA build refuses it: the exact fp32 GEMM then runs instead.
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """`acc += a @ b` into an fp32 `acc` without rounding the product to `a`'s half dtype first: the head gradient
-    sums one product per chunk of tokens (N / 441 of them at V = 152k), and bf16 products summed in fp32 lose
-    ~8 bits each time; the GEMM still runs on half inputs (tensor cores) with an fp32 output on CUDA."""
-    if a.dtype in (torch.float32, torch.float64) or not (a.is_cuda and _ADDMM_OUT_DTYPE):
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    else:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    sums one product per chunk of tokens (24 of them at N = 32k, V = 152k), and bf16 products summed in fp32 lose
+    ~8 bits each time; on CUDA the GEMM still runs on half inputs (tensor cores) with an fp32 output."""
+    global _ADDMM_OUT_DTYPE
+    if a.is_cuda and _ADDMM_OUT_DTYPE and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, NotImplementedError, TypeError) as error:  # a build without the dtype kernel
+            _ADDMM_OUT_DTYPE = False
+            warnings.warn(f"torch {torch.__version__} cannot add a {a.dtype} product into fp32 on CUDA "
+                          f"({type(error).__name__}: {str(error)[:200]}); the head gradient's GEMM runs in fp32, "
+                          f"exact but slower", RuntimeWarning, stacklevel=2)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _logits(hidden: torch.Tensor, head: torch.Tensor, params: _Params) -> torch.Tensor:
