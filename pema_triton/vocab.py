@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,10 @@ __all__ = ["VocabularyScan", "scan_vocabulary", "special_token_ids", "used_ids_f
 
 def used_ids_from_byte_map(byte_map: torch.Tensor) -> torch.Tensor:
     """[V] byte map -> [U] sorted int64 ids whose entry is non-zero."""
+    if byte_map.device.type == "cpu" and byte_map.dtype == torch.uint8 and not torch.compiler.is_compiling():
+        # numpy's flatnonzero over the map's bytes seen as bools: 0.11 ms at V = 250k against torch.nonzero's 0.34
+        # (2 CPU threads), a sixth of a 1M-id scan; the ids are numpy's intp, int64 here.
+        return torch.from_numpy(np.flatnonzero(byte_map.numpy().view(np.bool_))).long()
     return torch.nonzero(byte_map).flatten()
 
 
