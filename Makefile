@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-all check bench gpu
+.PHONY: setup demo test test-slow test-all test-gpu-image check bench gpu
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -21,6 +21,11 @@ test-slow: setup
 	$(PY) -m pytest -m slow $(TIMINGS) $(PYTEST_ARGS)
 
 test-all: test test-slow
+
+# The GPU image's torch 2.11 / triton 3.6 / transformers 5.17 (no datasets) on this CPU, in .venv/gpu-image: compiled
+# models, the fused loss's op tests and the first-hour dry run (scripts/gpu_image.sh). CI runs it after test-all.
+test-gpu-image:
+	bash scripts/gpu_image.sh
 
 # Imports sorted and unused ones gone, lines within 120 columns (pyproject.toml [tool.ruff]).
 check: setup

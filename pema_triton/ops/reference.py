@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (
     accumulation_dtype,
@@ -29,9 +30,11 @@ def _all_in_vocabulary(flat: torch.Tensor, vocab_size: int) -> bool:
     """Whether every id is in [0, vocab_size): one pass, one host read.
 
     False while torch.compile traces (the ops' bodies must not branch on data): callers then take their
-    branch-free masked path, which gives the same result.
+    branch-free masked path, which gives the same result. Dynamo's flag is not enough: AOTAutograd traces the ops'
+    bodies with fake tensors outside Dynamo (torch 2.11 runs this then, and a host read raises
+    GuardOnDataDependentSymNode).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_fake(flat):
         return False
     low, high = torch.aminmax(flat)
     return bool(low >= 0) and bool(high < vocab_size)

@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Triton decides interpreter-or-compiler when `@triton.jit` runs, i.e. when this package is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -31,6 +32,19 @@ def on_tensors_device(launcher):
             return launcher(*args, **kwargs)
 
     return guarded
+
+
+def launchable(kernel):
+    """`kernel` as torch.library.wrap_triton gives it (one node that torch.compile traces into its graph), or the
+    kernel itself where this torch cannot wrap it: torch 2.11's wrap_triton refuses the interpreter's functions
+    (TRITON_INTERPRET=1: `RuntimeError: wrap_triton only works on functions annotated with triton.jit`), 2.13's
+    takes them. On a GPU every supported torch wraps it."""
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        if not INTERPRET:
+            raise
+        return kernel
 
 
 def pick_blocks(dim: int, max_elements: int) -> tuple[int, int]:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import INTERPRET, on_tensors_device
+from ._common import INTERPRET, launchable, on_tensors_device
 
 
 @triton.jit
@@ -76,7 +75,7 @@ def cross_entropy_rows(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(num_tokens, dtype=acc, device=logits.device)
     if num_tokens and vocab_size:
-        wrap_triton(_cross_entropy_rows_kernel)[(num_tokens,)](
+        launchable(_cross_entropy_rows_kernel)[(num_tokens,)](
             logits, targets, scale, loss, IGNORE=ignore_index, V=vocab_size, BLOCK_V=block_v(vocab_size),
             ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, WRITE_GRAD=write_grad,
         )

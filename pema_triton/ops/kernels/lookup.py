@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .._checks import check_lookup_inputs
-from ._common import count_into, load_compact_rows, on_tensors_device, pick_blocks
+from ._common import count_into, launchable, load_compact_rows, on_tensors_device, pick_blocks
 
 
 @triton.jit
@@ -61,7 +60,7 @@ def lookup(ids: torch.Tensor, remap: torch.Tensor, weight: torch.Tensor) -> tupl
     if num_ids and dim:
         block_n, block_d = pick_blocks(dim, max_elements=4096)
         grid = (triton.cdiv(num_ids, block_n), triton.cdiv(dim, block_d))
-        wrap_triton(_lookup_kernel)[grid](
+        launchable(_lookup_kernel)[grid](
             flat_ids, remap, weight, out, num_bad, num_ids, remap.numel(), dim, BLOCK_N=block_n, BLOCK_D=block_d
         )
     return out.view(*ids.shape, dim), num_bad

@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .._checks import accumulation_dtype, check_scatter_inputs
 from ..remap import compact_rows
-from ._common import INTERPRET, load_compact_rows, on_tensors_device, pick_blocks
+from ._common import INTERPRET, launchable, load_compact_rows, on_tensors_device, pick_blocks
 
 METHODS = ("atomic", "sorted")
 
@@ -221,7 +220,7 @@ def _scatter_atomic(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) 
     if num_ids and dim:
         block_n, block_d = pick_blocks(dim, max_elements=4096)
         grid = (triton.cdiv(num_ids, block_n), triton.cdiv(dim, block_d))
-        wrap_triton(_scatter_atomic_kernel)[grid](
+        launchable(_scatter_atomic_kernel)[grid](
             grad_2d, flat_ids, remap, acc, num_ids, remap.numel(), dim, padding_row, BLOCK_N=block_n, BLOCK_D=block_d
         )
     return acc.to(grad_2d.dtype)
@@ -243,11 +242,11 @@ def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) 
     tail_rows = torch.empty(num_chunks, dtype=torch.int32, device=grad_2d.device)
     partials = torch.empty(num_chunks, 2, dim, dtype=acc_dtype, device=grad_2d.device)
     grid = (num_chunks, triton.cdiv(dim, blocks["BLOCK_D"]))
-    wrap_triton(_scatter_sorted_kernel)[grid](
+    launchable(_scatter_sorted_kernel)[grid](
         grad_2d, sorted_rows, order, head_rows, tail_rows, partials, grad_weight, num_ids, dim,
         TILES=blocks["TILES"], BLOCK_T=blocks["BLOCK_T"], BLOCK_D=blocks["BLOCK_D"], ACC_DTYPE=_TL_ACC[acc_dtype],
     )
-    wrap_triton(_scatter_sorted_fixup_kernel)[grid](
+    launchable(_scatter_sorted_fixup_kernel)[grid](
         head_rows, tail_rows, partials, grad_weight, num_chunks, dim, BLOCK_K=blocks["BLOCK_K"],
         BLOCK_D=blocks["BLOCK_D"],
     )

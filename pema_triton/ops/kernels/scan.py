@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...errors import PemaDTypeError
 from .._checks import check_id_dtype, check_scan_state
-from ._common import INTERPRET, count_into, load_ids, on_tensors_device
+from ._common import INTERPRET, count_into, launchable, load_ids, on_tensors_device
 
 # Ids a program: 4096 ids of 4-8 bytes stream 16-32 KiB of input each. The interpreter runs programs one at a
 # time, so it gets few large ones.
@@ -61,7 +60,7 @@ def scan_ids(ids: torch.Tensor, byte_map: torch.Tensor, counts: torch.Tensor | N
     num_ids = flat_ids.numel()
     num_bad = torch.zeros(1, dtype=torch.int32, device=ids.device)
     if num_ids:
-        wrap_triton(_scan_kernel)[(triton.cdiv(num_ids, _SCAN_BLOCK),)](
+        launchable(_scan_kernel)[(triton.cdiv(num_ids, _SCAN_BLOCK),)](
             flat_ids,
             byte_map,
             counts if counts is not None else byte_map,
