@@ -336,8 +336,8 @@ def lm_part(args, device, meter):
                 f"{args.lm_steps} steps of "
                 f"{args.lm_batch_size}x{args.lm_seq_len} tokens", runs, "held-out loss", len(tokenizer), used.numel())
     print("\nEach mode equals its exact baseline (`restricted` and the fused loss to fp32 round-off: a softmax over U "
-          "columns instead of V, or the logits' GEMM summed by vocabulary blocks, which Adam can amplify for a weight "
-          "whose gradient is near zero). All differ from full fine-tuning, "
+          "columns instead of V, or the fused loss's softmax and head gradient summed by chunks of tokens, which Adam "
+          "can amplify for a weight whose gradient is near zero). All differ from full fine-tuning, "
           "which also trains the unused rows of the tied head; `restricted` trains a softmax over the used ids "
           "only, so its held-out loss under the full vocabulary differs by design (docs/exactness.md: held-out loss "
           "of the output modes).")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers.devices import BACKENDS, DEVICE, gpu_only
 from pema_triton.errors import PemaDTypeError, PemaError
 from pema_triton.ops import compact_linear_cross_entropy, dispatch, reference
-from pema_triton.ops.linear_cross_entropy import tokens_per_chunk
+from pema_triton.ops.linear_cross_entropy import default_chunk_bytes, tokens_per_chunk
 
 # (id, V, U, D, N, what the targets are)
 CASES = [
@@ -172,6 +172,15 @@ def test_the_chunk_changes_nothing_but_round_off_and_bounds_the_transient_memory
     chunk = tokens_per_chunk(32768, 151936, 30371, torch.bfloat16)  # the GPU goal's shape, 512 MiB (the GPU default)
     assert chunk % 128 == 0 and chunk * (151936 + 30371) * 2 <= 512 * 2**20 < (chunk + 128) * (151936 + 30371) * 2
     assert tokens_per_chunk(5, 10**9, None, torch.float32) == 1  # at least one token, whatever V is
+
+
+def test_the_gpu_chunk_shrinks_to_a_quarter_of_the_free_memory(monkeypatch):
+    """Read from the driver (mocked here: no GPU), without a sync; 512 MiB while there is room, never below 16."""
+    cuda = torch.device("cuda", 0)
+    for free, want in ((80 * 2**30, 512 * 2**20), (1 * 2**30, 256 * 2**20), (8 * 2**20, 16 * 2**20)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 141 * 2**30))
+        assert default_chunk_bytes(cuda) == want
+    assert default_chunk_bytes(torch.device("cpu")) == 256 * 2**20
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,7 +26,7 @@ from ._checks import accumulation_dtype, check_linear_cross_entropy_inputs
 from .dispatch import kernels_or_reference, uses_kernels
 from .linear_log_probs import add_product_fp32
 
-__all__ = ["CHUNK_BYTES", "compact_linear_cross_entropy", "tokens_per_chunk"]
+__all__ = ["CHUNK_BYTES", "compact_linear_cross_entropy", "default_chunk_bytes", "tokens_per_chunk"]
 
 # A chunk's logits and the used columns of their gradient. On a GPU 512 MiB: 1,408 tokens at V = 152k, U = 30k in
 # bf16, enough rows for cuBLAS to reach its peak (from about 1k rows at D = 4,096), a fraction of the unfused head's
@@ -34,6 +34,18 @@ __all__ = ["CHUNK_BYTES", "compact_linear_cross_entropy", "tokens_per_chunk"]
 # SmolLM2's V = 49k, U = 26k, fp32, N = 2,048, one process, interleaved, median of 3, against 2,320 ms unfused:
 # 64 MiB (128 tokens) 2,573 ms, 128 MiB 2,421, 256 MiB (768 tokens) 2,238, 512 MiB 2,196.
 CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 256 * 2**20}
+# A quarter of the device's free memory at most: on a full GPU the chunk shrinks rather than failing the step.
+_FREE_SHARE, _MIN_CHUNK_BYTES = 4, 16 * 2**20
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """:data:`CHUNK_BYTES` of the device type, on CUDA held to a quarter of the free memory (read without a sync;
+    not while torch.compile traces, where the budget must be a constant), and never below 16 MiB."""
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // _FREE_SHARE)
+    return max(budget, _MIN_CHUNK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,7 @@ def compact_linear_cross_entropy(
             over non-ignored tokens (NaN where every token is ignored, as `F.cross_entropy`).
         backend: the row pass's ("auto": Triton on a GPU); the GEMMs are torch's on every backend.
         chunk_bytes: a chunk's transient memory (its logits and their gradient's used columns); by default
-            :data:`CHUNK_BYTES` of the device type (512 MiB on a GPU, 256 MiB on a CPU).
+            :func:`default_chunk_bytes` (512 MiB on a GPU, at most a quarter of its free memory; 256 MiB on a CPU).
 
     Returns:
         scalar fp32 loss (fp64 for fp64); gradients flow to `hidden` and to `weight` ([U, D]) only.
@@ -154,7 +166,7 @@ def compact_linear_cross_entropy(
     width = weight.shape[0] if full_weight is None else full_weight.shape[0]
     kernels = uses_kernels(backend, device)
     if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+        chunk_bytes = default_chunk_bytes(device)
     chunk = tokens_per_chunk(flat_hidden.shape[0], width, None if used_ids is None else used_ids.numel(), dtype,
                              chunk_bytes, upcast=not kernels)
     params = _LossParams(ignore_index, dtype, chunk, kernels_or_reference(kernels))
