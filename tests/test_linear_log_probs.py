@@ -35,7 +35,9 @@ def _expected(hidden, weight, full, used, targets, frozen, temperature):
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "restricted"])
 @pytest.mark.parametrize("n, temperature", [(1, 1.0), (23, 0.7)])
-def test_every_output_and_both_gradients_equal_full_logits(frozen, n, temperature):
+@pytest.mark.parametrize("graded", [("log_probs",), ("log_probs", "entropy"), ("entropy",)],
+                         ids=["log-probs grad (kept R, U-column backward)", "both grads (recomputed)", "entropy grad"])
+def test_every_output_and_the_gradients_equal_full_logits(frozen, n, temperature, graded):
     hidden, weight, full, used, targets = _case(n, frozen)
     got = compact_linear_log_probs(hidden, weight, full if frozen else None, used if frozen else None, targets,
                                    temperature=temperature, outputs=LOG_PROB_OUTPUTS, chunk_bytes=12 * V * 5)
@@ -45,13 +47,29 @@ def test_every_output_and_both_gradients_equal_full_logits(frozen, n, temperatur
             assert torch.equal(got[name], want[name])
         else:
             torch.testing.assert_close(got[name], want[name].float(), msg=name)
-    g_lp, g_h = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    grads = torch.autograd.grad((got["log_probs"] * g_lp).sum() + (got["entropy"] * g_h).sum(), (hidden, weight))
-    want_grads = torch.autograd.grad((want["log_probs"] * g_lp).sum() + (want["entropy"] * g_h).sum(),
-                                     (hidden, weight))
+    upstream = {name: torch.randn(n, dtype=torch.float64) for name in graded}
+    grads = torch.autograd.grad(sum((got[k] * g).sum() for k, g in upstream.items()), (hidden, weight))
+    want_grads = torch.autograd.grad(sum((want[k] * g).sum() for k, g in upstream.items()), (hidden, weight))
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     assert grads[1].shape == (len(used), D)  # the compact rows' gradient, never [V, D]
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "restricted"])
+def test_the_log_prob_gradient_of_one_input_alone(frozen):
+    """Only `weight` trains (no R is kept), or only `hidden` (no logits recomputed in backward); a frozen target
+    outside the used ids adds no one-hot to any used row."""
+    hidden, weight, full, used, targets = _case(9, frozen, seed=1)
+    if frozen:
+        targets[0], targets[-1] = 1, V - 2  # unused ids
+    want = _expected(hidden, weight, full, used, targets, frozen, 1.0)["log_probs"]
+    for wanted in (hidden, weight):
+        inputs = (hidden.detach().requires_grad_(wanted is hidden), weight.detach().requires_grad_(wanted is weight))
+        got = compact_linear_log_probs(*inputs, full if frozen else None, used if frozen else None, targets,
+                                       chunk_bytes=12 * V * 4)["log_probs"]
+        (grad,) = torch.autograd.grad(got.sum(), inputs[0] if wanted is hidden else inputs[1])
+        torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), wanted, retain_graph=True)[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_the_unused_rows_of_a_frozen_head_count_in_the_softmax_and_get_no_gradient():
