@@ -5,8 +5,8 @@ compile, or compile to a tile that spills to local memory. tests/helpers/compile
 its launcher configures it on a GPU, with the divisibility hints a launch on real tensors gives, and reads the
 machine code back (cuobjdump). Checked here: it compiles, nothing spills, the atomics are relaxed (`REDG` without a
 `MEMBAR.*.GPU` fence; Triton's default acq_rel puts one around every vectorised add) and vectorised, the fused
-loss's row pass streams with vector loads and no atomic, and no index product is computed in 32 bits. (The fused
-loss's GEMMs are cuBLAS's, not Triton's: nothing of them to compile here.)
+loss's and the log-probs' row passes stream with vector loads and no atomic, and no index product is computed in
+32 bits. (The fused heads' GEMMs are cuBLAS's, not Triton's: nothing of them to compile here.)
 """
 
 import json
@@ -31,7 +31,7 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90_without_spilling(compiled):
-    assert len(compiled) == 13  # 5 per training dtype (bf16, fp32) + the scan for int32 and int64 ids + packed
+    assert len(compiled) == 15  # 6 per training dtype (bf16, fp32) + the scan for int32 and int64 ids + packed
     for name, row in compiled.items():
         assert "error" not in row, f"{name}: {row.get('error')}"
         assert row["local_bytes"] == 0, f"{name} spills {row['local_bytes']} bytes to local memory"
@@ -46,15 +46,18 @@ def test_atomics_are_relaxed_and_the_sorted_backward_uses_none(compiled):
     for dtype in ("bf16", "fp32"):  # written once per row / element, no read-modify-write
         assert compiled[f"scatter-sorted-{dtype}"]["memory_ops"] == []
         assert compiled[f"cross-entropy-rows-{dtype}"]["memory_ops"] == []
+        assert compiled[f"log-prob-rows-{dtype}"]["memory_ops"] == []
     assert any(op.startswith("REDG.E.OR") for op in compiled["scan-packed"]["memory_ops"])
 
 
 def test_what_a_launch_builds_uses_the_hardware_and_64_bit_offsets(compiled):
     for dtype in ("bf16", "fp32"):
-        for kernel in ("lookup", "scatter-atomic", "scatter-sorted", "cross-entropy-rows"):
+        for kernel in ("lookup", "scatter-atomic", "scatter-sorted", "cross-entropy-rows", "log-prob-rows"):
             assert compiled[f"{kernel}-{dtype}"]["vector_loads"], f"{kernel}-{dtype} loads element by element"
         assert any("F32x4" in op for op in compiled[f"scatter-atomic-{dtype}"]["memory_ops"])  # 16-byte atomics
         # A streaming pass needs programs in flight: <= 64 registers is 8 programs of 4 warps per SM (58 measured).
         assert compiled[f"cross-entropy-rows-{dtype}"]["registers"] <= 64
+        # Two more per-lane arrays (entropy, top-1) at half the block: 64 / 72 measured, 7 programs per SM.
+        assert compiled[f"log-prob-rows-{dtype}"]["registers"] <= 80
     for name, row in compiled.items():  # V * D passes 2^31 at V = 152k, D = 14,336: offsets must be 64-bit
         assert row["i32_index_products"] == [], f"{name}: {row['i32_index_products']}"

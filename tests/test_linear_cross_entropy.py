@@ -223,7 +223,7 @@ def test_half_products_add_into_fp32_on_cuda_without_falling_back():
     GPU session; a build without it would warn and fall back to an fp32 GEMM."""
     import warnings
 
-    from pema_triton.ops import linear_log_probs
+    from pema_triton.ops import linear_cross_entropy
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     a, b = (torch.randn(*shape, generator=gen, device="cuda").bfloat16() for shape in ((300, 500), (500, 70)))
@@ -231,8 +231,8 @@ def test_half_products_add_into_fp32_on_cuda_without_falling_back():
     want = acc.double() + a.double() @ b.double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        linear_log_probs.add_product_fp32(acc, a, b)
-    assert linear_log_probs._ADDMM_OUT_DTYPE and acc.dtype == torch.float32
+        linear_cross_entropy.add_product_fp32(acc, a, b)
+    assert linear_cross_entropy._ADDMM_OUT_DTYPE and acc.dtype == torch.float32
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)  # fp32 round-off, not bf16's 4e-3
 
 

@@ -1,7 +1,9 @@
-"""Input checks and dtype rules shared by the Triton launchers and the PyTorch reference, so both reject the same
-input and accumulate in the same precision."""
+"""Input checks, dtype rules and result types shared by the Triton launchers and the PyTorch reference, so both
+reject the same input, accumulate in the same precision and return the same record."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -10,6 +12,17 @@ from .remap import check_remap
 
 ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class LogProbRows(NamedTuple):
+    """`log_prob_rows`' per-token statistics of `logits / T` ([n] each): fp32 (fp64 for fp64), `argmax` int64; and
+    the [n, V'] logit gradient in the logits' dtype (the logits' own memory for the kernel)."""
+
+    log_probs: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    argmax: torch.Tensor | None
+    grad: torch.Tensor | None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

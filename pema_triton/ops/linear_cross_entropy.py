@@ -17,6 +17,7 @@ U = 30k), and 6NDU in `restricted`, whose V' is U (0.2x).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -24,9 +25,10 @@ import torch
 
 from ._checks import accumulation_dtype, check_linear_cross_entropy_inputs
 from .dispatch import kernels_or_reference, uses_kernels
-from .linear_log_probs import add_product_fp32
 
-__all__ = ["CHUNK_BYTES", "compact_linear_cross_entropy", "default_chunk_bytes", "tokens_per_chunk"]
+__all__ = [
+    "CHUNK_BYTES", "add_product_fp32", "compact_linear_cross_entropy", "default_chunk_bytes", "tokens_per_chunk",
+]
 
 # A chunk's logits and the used columns of their gradient. On a GPU 512 MiB: 1,408 tokens at V = 152k, U = 30k in
 # bf16, enough rows for cuBLAS to reach its peak (from about 1k rows at D = 4,096), a fraction of the unfused head's
@@ -112,6 +114,28 @@ def _loss_and_gradients(hidden, head, used_ids, num_rows, targets, scale, params
             used = logits if used_ids is None else logits.index_select(1, used_ids)
             add_product_fp32(grad_weight, used.t(), h)
     return loss, grad_hidden, grad_weight
+
+
+# torch.addmm(..., out_dtype=torch.float32) of half inputs: CUDA only (the CPU build has no kernel for it). Set to
+# False, with a warning, the first time a CUDA build refuses it: the exact fp32 GEMM then runs instead.
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` into an fp32 `acc` without rounding the product to `a`'s half dtype first: the head gradient
+    sums one product per chunk of tokens (24 of them at N = 32k, V = 152k), and bf16 products summed in fp32 lose
+    ~8 bits each time; on CUDA the GEMM still runs on half inputs (tensor cores) with an fp32 output."""
+    global _ADDMM_OUT_DTYPE
+    if a.is_cuda and _ADDMM_OUT_DTYPE and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, NotImplementedError, TypeError) as error:  # a build without the dtype kernel
+            _ADDMM_OUT_DTYPE = False
+            warnings.warn(f"torch {torch.__version__} cannot add a {a.dtype} product into fp32 on CUDA "
+                          f"({type(error).__name__}: {str(error)[:200]}); the head gradient's GEMM runs in fp32, "
+                          f"exact but slower", RuntimeWarning, stacklevel=2)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def tokens_per_chunk(num_tokens: int, width: int, num_used: int | None, dtype: torch.dtype,

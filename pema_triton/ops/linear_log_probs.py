@@ -16,29 +16,37 @@ recomputation. At N = 32k tokens, V = 152k, fp32 logits would be 19.9 GB; a chun
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from ..errors import PemaError
+from ._checks import accumulation_dtype
+from .dispatch import kernels_or_reference, uses_kernels
+from .linear_cross_entropy import add_product_fp32, default_chunk_bytes
 
 __all__ = ["LOG_PROB_OUTPUTS", "compact_linear_log_probs"]
 
 # What TRL's FusedCausalLMOutput holds per token, beside `log_probs` (always computed).
 LOG_PROB_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_CHUNK_BYTES = 256 * 2**20
-# fp32 bytes per logit a chunk holds at once: the logits (then log p), the softmax (then its gradient) and one
-# temporary (p log p).
-_BYTES_PER_LOGIT = 12
+# Accumulation-dtype bytes per logit the PyTorch passes hold at once: the logits (then log p), the softmax (then
+# its gradient) and one temporary. The Triton row pass works in the logits' own memory (2 B per logit in bf16).
+_TORCH_PASS_BYTES = 3
 
 
 @dataclass(frozen=True)
 class _Params:
+    """temperature, outputs: as given. chunk: tokens per chunk. compute_dtype: the GEMMs' (the autocast dtype, else
+    the hidden states'). rows: :mod:`~pema_triton.ops.kernels` or :mod:`~pema_triton.ops.reference`, whose
+    `log_prob_rows` runs the forward's row pass."""
+
     temperature: float
     outputs: tuple[str, ...]
-    chunk: int  # tokens per chunk
+    chunk: int
+    recompute_chunk: int  # tokens per chunk where entropy's gradient recomputes every logit in torch
     compute_dtype: torch.dtype
+    rows: ModuleType
 
 
 class _CompactLinearLogProbs(torch.autograd.Function):
@@ -68,9 +76,9 @@ class _CompactLinearLogProbs(torch.autograd.Function):
         if grad_entropy is not None:
             grad_hidden, grad_weight = _recomputed_gradients(ctx, grad_log_probs, grad_entropy)
         elif grad_log_probs is not None:
-            g = grad_log_probs.float()
+            g = grad_log_probs.to(lse.dtype)
             if need_hidden:  # d log p_t / d h = -(p - onehot(t)) @ head / T = -R
-                grad_hidden = hidden_grad_rows.float().mul_(-g[:, None])
+                grad_hidden = hidden_grad_rows.to(lse.dtype).mul_(-g[:, None])
             if need_weight:
                 grad_weight = _used_rows_gradient(hidden, weight, used, ctx.full_weight, targets, lse, g, ctx.params)
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
@@ -78,45 +86,44 @@ class _CompactLinearLogProbs(torch.autograd.Function):
 
 
 def _statistics(hidden, full_weight, targets, params: _Params, need_hidden: bool):
-    """([every LOG_PROB_OUTPUTS' [N] tensor or None], [N] fp32 lse, [N, D] R in the compute dtype or None)."""
+    """([every LOG_PROB_OUTPUTS' [N] tensor or None], [N] lse, [N, D] R in the compute dtype or None); statistics
+    in the accumulation dtype (fp32, fp64 for fp64)."""
     stats = {name: [] for name in LOG_PROB_OUTPUTS}
     lse_chunks = []
-    head = full_weight.to(params.compute_dtype)  # cast once (under autocast), not per chunk
-    hidden_grad_rows = hidden.new_empty(hidden.shape, dtype=params.compute_dtype) if need_hidden else None
+    dtype, outputs = params.compute_dtype, params.outputs
+    head = full_weight.to(dtype)  # cast once (under autocast), not per chunk
+    hidden_grad_rows = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
     for start in range(0, hidden.shape[0], params.chunk):
         rows = slice(start, start + params.chunk)
-        z = _logits(hidden[rows], head, params)
         t = targets[rows]
-        lse = torch.logsumexp(z, dim=-1)
-        lse_chunks.append(lse)
-        stats["log_probs"].append(z.gather(1, t[:, None]).squeeze(1) - lse)
-        if "log_sum_sq_probs" in params.outputs:
-            stats["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
-        if "mean_logits" in params.outputs:
-            stats["mean_logits"].append(z.mean(-1))
-        if "is_top1" in params.outputs:
-            stats["is_top1"].append(z.argmax(-1) == t)  # the first maximum, as TRL's kernel decides ties
-        if "entropy" not in params.outputs and not need_hidden:
-            continue
-        log_p = z.sub_(lse[:, None])  # z is no longer needed as logits
-        p = log_p.exp()
-        if "entropy" in params.outputs:
-            stats["entropy"].append(-(p * log_p).sum(-1))
-        if need_hidden:  # R = (p - onehot(t)) @ head / T, in place of p
-            dz = p.scatter_add_(1, t[:, None], p.new_full((len(t), 1), -1.0))
-            dz = (dz if params.temperature == 1.0 else dz.div_(params.temperature)).to(params.compute_dtype)
-            hidden_grad_rows[rows] = dz @ head
+        logits = hidden[rows].to(dtype) @ head.t()  # [n, V'], overwritten by the row pass
+        if "log_sum_sq_probs" in outputs or "mean_logits" in outputs:  # rarely asked: torch passes, first
+            z = logits.to(accumulation_dtype(dtype)) / params.temperature
+            if "log_sum_sq_probs" in outputs:
+                stats["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1))
+            if "mean_logits" in outputs:
+                stats["mean_logits"].append(z.mean(-1))
+        row = params.rows.log_prob_rows(logits, t, params.temperature, entropy="entropy" in outputs,
+                                        top1="is_top1" in outputs, write_grad=need_hidden)
+        lse_chunks.append(row.lse)
+        stats["log_probs"].append(row.log_probs)
+        if row.entropy is not None:
+            stats["entropy"].append(row.entropy)
+        if row.argmax is not None:
+            stats["is_top1"].append(row.argmax == t)  # the first maximum, as TRL's kernel decides ties
+        if need_hidden:  # R = (p - onehot(t)) @ head / T
+            hidden_grad_rows[rows] = row.grad @ head
     out = [torch.cat(chunks) if chunks else None for chunks in stats.values()]
+    acc = accumulation_dtype(dtype)
     if hidden.shape[0] == 0:  # no valid token: empty outputs of the right dtypes
-        out = [None if name not in (*params.outputs, "log_probs") else
-               hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else torch.float32)
-               for name in LOG_PROB_OUTPUTS]
-    lse = torch.cat(lse_chunks) if lse_chunks else hidden.new_zeros(0, dtype=torch.float32)
+        out = [None if name not in (*outputs, "log_probs") else
+               hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else acc) for name in LOG_PROB_OUTPUTS]
+    lse = torch.cat(lse_chunks) if lse_chunks else hidden.new_zeros(0, dtype=acc)
     return out, lse, hidden_grad_rows
 
 
 def _used_rows_gradient(hidden, weight, used, full_weight, targets, lse, g, params: _Params):
-    """[U, D] fp32 gradient of `sum(g * log_probs)` into the used rows: `(g (onehot(t) - p) / T)[:, used].T @ h`,
+    """[U, D] fp32 (fp64) gradient of `sum(g * log_probs)` into the used rows: `(g (onehot(t) - p) / T)[:, used].T @ h`,
     the softmax of those U columns from their recomputed logits and the forward's lse."""
     dtype = params.compute_dtype
     if used is None:  # `restricted`: the head is `weight`, targets are its columns
@@ -126,7 +133,7 @@ def _used_rows_gradient(hidden, weight, used, full_weight, targets, lse, g, para
         column_of = torch.full((full_weight.shape[0],), -1, dtype=torch.long, device=targets.device)
         column_of[used] = torch.arange(len(used), device=targets.device)
         columns = column_of[targets]  # -1: an unused target, whose one-hot has no used column
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    grad_weight = torch.zeros_like(weight, dtype=lse.dtype)
     for start in range(0, hidden.shape[0], params.chunk):
         rows = slice(start, start + params.chunk)
         h = hidden[rows].to(dtype)
@@ -139,60 +146,39 @@ def _used_rows_gradient(hidden, weight, used, full_weight, targets, lse, g, para
 
 
 def _recomputed_gradients(ctx, grad_log_probs, grad_entropy):
-    """(grad_hidden fp32 or None, grad_weight fp32 or None) of log-probs and entropy, from the logits recomputed
+    """(grad_hidden, grad_weight: fp32 (fp64) or None) of log-probs and entropy, from the logits recomputed
     over the whole head."""
     hidden, weight, used, targets, lse, _ = ctx.saved_tensors
     full_weight, params = ctx.full_weight, ctx.params
-    grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+    grad_hidden = torch.zeros_like(hidden, dtype=lse.dtype) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
     head = full_weight.to(params.compute_dtype)
-    for start in range(0, hidden.shape[0], params.chunk):
-        rows = slice(start, start + params.chunk)
+    for start in range(0, hidden.shape[0], params.recompute_chunk):
+        rows = slice(start, start + params.recompute_chunk)
         h = hidden[rows]
         z = _logits(h, head, params)
         log_p = z - lse[rows, None]
         p = log_p.exp()
         grad_z = torch.zeros_like(z)
         if grad_log_probs is not None:  # d log p_t / dz = onehot(t) - p
-            g = grad_log_probs[rows, None].float()
+            g = grad_log_probs[rows, None].to(lse.dtype)
             grad_z.addcmul_(p, g, value=-1).scatter_add_(1, targets[rows, None], g)
         # d H / dz = -p (log p + H)
         entropy = -(p * log_p).sum(-1, keepdim=True)
-        grad_z.sub_(grad_entropy[rows, None].float() * p * (log_p + entropy))
+        grad_z.sub_(grad_entropy[rows, None].to(lse.dtype) * p * (log_p + entropy))
         grad_z = (grad_z / params.temperature).to(params.compute_dtype)
         if grad_hidden is not None:
-            grad_hidden[rows] = grad_z.matmul(head).float()
+            grad_hidden[rows] = grad_z.matmul(head).to(lse.dtype)
         if grad_weight is not None:
             grad_used = grad_z if used is None else grad_z.index_select(1, used)
             add_product_fp32(grad_weight, grad_used.t(), h.to(params.compute_dtype))
     return grad_hidden, grad_weight
 
 
-# torch.addmm(..., out_dtype=torch.float32) of half inputs: CUDA only (the CPU build has no kernel for it). Set to
-# False, with a warning, the first time a CUDA build refuses it: the exact fp32 GEMM then runs instead.
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
-
-
-def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` into an fp32 `acc` without rounding the product to `a`'s half dtype first: the head gradient
-    sums one product per chunk of tokens (24 of them at N = 32k, V = 152k), and bf16 products summed in fp32 lose
-    ~8 bits each time; on CUDA the GEMM still runs on half inputs (tensor cores) with an fp32 output."""
-    global _ADDMM_OUT_DTYPE
-    if a.is_cuda and _ADDMM_OUT_DTYPE and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, NotImplementedError, TypeError) as error:  # a build without the dtype kernel
-            _ADDMM_OUT_DTYPE = False
-            warnings.warn(f"torch {torch.__version__} cannot add a {a.dtype} product into fp32 on CUDA "
-                          f"({type(error).__name__}: {str(error)[:200]}); the head gradient's GEMM runs in fp32, "
-                          f"exact but slower", RuntimeWarning, stacklevel=2)
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
 def _logits(hidden: torch.Tensor, head: torch.Tensor, params: _Params) -> torch.Tensor:
-    """[n, D] -> fp32 [n, V'] logits over the temperature, the GEMM in the compute (autocast) dtype of `head`."""
-    logits = hidden.to(params.compute_dtype).matmul(head.t()).float()
+    """[n, D] -> [n, V'] logits over the temperature in the accumulation dtype (fp32, fp64 for fp64), the GEMM in
+    the compute (autocast) dtype of `head`."""
+    logits = hidden.to(params.compute_dtype).matmul(head.t()).to(accumulation_dtype(params.compute_dtype))
     return logits if params.temperature == 1.0 else logits / params.temperature
 
 
@@ -205,7 +191,8 @@ def compact_linear_log_probs(
     *,
     temperature: float = 1.0,
     outputs: tuple[str, ...] = ("log_probs",),
-    chunk_bytes: int = _CHUNK_BYTES,
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Per-token `log softmax(hidden @ head.T / temperature)[target]` and the other `outputs`, without the [N, V]
     logits; gradients of `log_probs` and `entropy` flow to `hidden` and to `weight` ([U, D]) only.
@@ -218,9 +205,14 @@ def compact_linear_log_probs(
         used_ids: [U] int64 columns of `full_weight` that are `weight`'s rows; None with `full_weight=None`.
         targets: [N] columns in [0, V') (original ids in `frozen` mode, compact columns in `restricted`).
         outputs: among :data:`LOG_PROB_OUTPUTS`; "log_probs" is always computed, the others are None unless named.
+        backend: the forward's row pass ("auto": Triton on a GPU); the GEMMs are torch's on every backend.
+        chunk_bytes: a chunk's transient memory; by default
+            :func:`~pema_triton.ops.linear_cross_entropy.default_chunk_bytes` (512 MiB on a GPU, at most a quarter
+            of its free memory; 256 MiB on a CPU).
 
     Returns:
-        {name: [N] tensor or None} for every name in :data:`LOG_PROB_OUTPUTS`: fp32 statistics, `is_top1` bool.
+        {name: [N] tensor or None} for every name in :data:`LOG_PROB_OUTPUTS`: fp32 statistics (fp64 for fp64),
+        `is_top1` bool.
     """
     unknown = set(outputs) - set(LOG_PROB_OUTPUTS)
     if unknown:
@@ -233,10 +225,17 @@ def compact_linear_log_probs(
     if temperature <= 0:
         raise PemaError(f"temperature must be positive, got {temperature}")
     head = weight.detach() if full_weight is None else full_weight
-    chunk = max(1, chunk_bytes // (_BYTES_PER_LOGIT * head.shape[0]))
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    params = _Params(float(temperature), tuple(outputs), chunk, compute_dtype)
+    kernels = uses_kernels(backend, hidden.device)
+    chunk_bytes = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
+    # Per token: the forward's [V'] logits (the kernel's in their dtype, torch's passes in three fp32 copies), the
+    # backward's [U] used columns (fp32 and their gradient in the compute dtype).
+    size, acc = (torch.empty(0, dtype=d).element_size() for d in (compute_dtype, accumulation_dtype(compute_dtype)))
+    torch_pass = _TORCH_PASS_BYTES * acc * head.shape[0]
+    per_token = max(size * head.shape[0] if kernels else torch_pass, (acc + size) * weight.shape[0])
+    params = _Params(float(temperature), tuple(outputs), max(1, chunk_bytes // per_token),
+                     max(1, chunk_bytes // torch_pass), compute_dtype, kernels_or_reference(kernels))
     with torch.autocast(device, enabled=False):
         values = _CompactLinearLogProbs.apply(hidden, weight, head, used_ids, targets.long(), params)
     return dict(zip(LOG_PROB_OUTPUTS, values))

@@ -1,4 +1,4 @@
-"""Pure-PyTorch versions of every op: the lookup, its backward, the scan and the fused loss's row pass.
+"""Pure-PyTorch versions of every op: the lookup, its backward, the scan and the fused heads' row passes.
 
 They are the CPU path for users without a GPU and the oracle every Triton kernel is tested against, so they
 favour clarity over speed; each mirrors its kernel's contract exactly (shapes, dtypes, what counts as a bad id).
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import (
+    LogProbRows,
     accumulation_dtype,
     check_lookup_inputs,
     check_scan_state,
@@ -23,7 +24,7 @@ from ._checks import (
 )
 from .remap import compact_rows
 
-__all__ = ["cross_entropy_rows", "lookup", "lookup_backward", "scan_ids"]
+__all__ = ["cross_entropy_rows", "log_prob_rows", "lookup", "lookup_backward", "scan_ids"]
 
 
 def _all_in_vocabulary(flat: torch.Tensor, vocab_size: int) -> bool:
@@ -172,3 +173,38 @@ def cross_entropy_rows(
         if logits.dtype != acc:  # else z is logits itself
             logits.copy_(z)
     return loss
+
+
+def log_prob_rows(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *, entropy: bool = False,
+    top1: bool = False, write_grad: bool = False,
+) -> LogProbRows:
+    """The fused log-probs' row pass over one chunk of logits: each token's statistics of `z = logits / T` and
+    the gradient of its log-prob's negative w.r.t. the logits.
+
+    Args:
+        logits: [n, V'] contiguous, in the dtype of the GEMM that made them; fp32 / fp64 logits are overwritten.
+        targets: [n] int64 columns in [0, V').
+        entropy, top1: also return `-sum p log p` and the column of the first maximum (ties: the lowest column).
+        write_grad: also return `(softmax(z) - onehot(targets)) / T` [n, V'] in the logits' dtype (R's GEMM reads
+            it), in a new tensor where the entropy needs the softmax beside log p (the kernel: in `logits`).
+
+    Returns:
+        LogProbRows(log_probs = z[target] - lse, lse = logsumexp(z), entropy, argmax, grad; None where not asked).
+    """
+    z = logits.to(accumulation_dtype(logits.dtype))  # a half chunk is upcast once
+    if temperature != 1.0:
+        z = z.mul_(1 / temperature)
+    lse = torch.logsumexp(z, dim=1)
+    log_probs = z.gather(1, targets[:, None]).squeeze(1) - lse
+    argmax = z.argmax(1) if top1 else None  # the first maximum
+    ent = grad = None
+    if entropy or write_grad:
+        log_p = z.sub_(lse[:, None])
+        p = log_p.exp() if entropy else log_p.exp_()
+        if entropy:  # a row-wise dot: no [n, V'] product in memory
+            ent = -torch.linalg.vecdot(p, log_p)
+        if write_grad:
+            grad = p.scatter_add_(1, targets[:, None], p.new_full((len(targets), 1), -1.0))
+            grad = (grad if temperature == 1.0 else grad.mul_(1 / temperature)).to(logits.dtype)
+    return LogProbRows(log_probs, lse, ent, argmax, grad)

@@ -51,10 +51,17 @@ def _kernels():
         yield (f"scatter-sorted-fixup-{dt}", lookup_backward._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
                "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "C": "i32", "D": "i32"},
                {"BLOCK_K": blocks["BLOCK_K"], "BLOCK_D": blocks["BLOCK_D"]})
-        yield (f"cross-entropy-rows-{dt}", cross_entropy_rows._cross_entropy_rows_kernel, {"logits_ptr": p,
-               "targets_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32"},
+        rows_types = {"logits_ptr": p, "targets_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
+                      "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "argmax_ptr": "*i64", "inv_temperature_ptr": "*fp32"}
+        yield (f"cross-entropy-rows-{dt}", cross_entropy_rows._cross_entropy_rows_kernel, rows_types,
                {"IGNORE": -100, "V": 151_936, "BLOCK_V": cross_entropy_rows.block_v(151_936),
-                "ACC_DTYPE": tl.float32, "WRITE_GRAD": True})
+                "ACC_DTYPE": tl.float32, "WRITE_GRAD": True, "STATS": False, "ENTROPY": False, "TOP1": False,
+                "TEMPERATURE": False})
+        # TRL's log-probs: the entropy's sum and the first maximum beside the max and sum, at a temperature.
+        yield (f"log-prob-rows-{dt}", cross_entropy_rows._cross_entropy_rows_kernel, rows_types,
+               {"IGNORE": -100, "V": 151_936, "BLOCK_V": cross_entropy_rows.block_v(151_936, stats=True),
+                "ACC_DTYPE": tl.float32, "WRITE_GRAD": True, "STATS": True, "ENTROPY": True, "TOP1": True,
+                "TEMPERATURE": True})
     for ids in ("i32", "i64"):
         yield (f"scan-{ids}", scan._scan_kernel, {"ids_ptr": f"*{ids}", "byte_map_ptr": "*u8", "counts_ptr": "*i64",
                "num_bad_ptr": "*i32", "N": "i32", "V": "i32", "ignore_index": "i32"},

@@ -8,12 +8,12 @@ run on CPU tensors (Triton picks the interpreter when a kernel is decorated).
 """
 
 from ._common import INTERPRET
-from .cross_entropy_rows import cross_entropy_rows
+from .cross_entropy_rows import cross_entropy_rows, log_prob_rows
 from .lookup import lookup
 from .lookup_backward import lookup_backward
 from .scan import scan_ids, scan_ids_packed, used_ids_from_packed
 
 __all__ = [
-    "INTERPRET", "cross_entropy_rows", "lookup", "lookup_backward", "scan_ids", "scan_ids_packed",
+    "INTERPRET", "cross_entropy_rows", "log_prob_rows", "lookup", "lookup_backward", "scan_ids", "scan_ids_packed",
     "used_ids_from_packed",
 ]
