@@ -15,7 +15,7 @@ next one still runs; the exit code is 1 when one failed.
              unzipped) into a temporary folder on the head's PYTHONPATH; a failed install is a noted line
     head     fused loss forward + backward beside its anchors, V = 151,936, D = 4,096 (Qwen3-8B's head), bf16,
              N = 8k then 32k: fused frozen, unfused frozen, Liger, CCE, F.linear_cross_entropy, fused restricted,
-             restricted (bench/linear_cross_entropy.py)
+             restricted, log-probs frozen (TRL's fused head) (bench/linear_cross_entropy.py)
     kernels  lookup and backward at V = 128,256, D = 4,096, N = 64k and 1M, bf16 then fp32 (bench/kernel_cases.py)
     scan     the vocabulary scan of 10^8 ids at V = 128,256, int64 then int32 (bench/scan_cases.py)
     tests    the kernel test files on CUDA, interrupted (SIGINT: pytest keeps its counts) when their time is spent
@@ -48,8 +48,8 @@ TOTAL_S = 540
 # just before that, and its process's start-up, fit in the grace); SIGINT near the limit, SIGKILL at it. Limits add
 # up to TOTAL_S: 15+250+105+70+100. Time a sub-part leaves unused goes to the next ones. Reasoning (H100, a fresh
 # Triton cache):
-# - head: 14 cases, each a process (5 s of imports, first-call compiles of 5-15 s, then 6 steps of 0.05-0.5 s:
-#   8k is 3e13 FLOP a step, 32k 1.2e14): 8-15 s a case, about 190 s. A running case is stopped at the deadline only
+# - head: 16 cases, each a process (5 s of imports, first-call compiles of 5-15 s, then 6 steps of 0.05-0.5 s:
+#   8k is 3e13 FLOP a step, 32k 1.2e14): 8-15 s a case, about 215 s. A running case is stopped at the deadline only
 #   (a slow first compile takes the later cases' time; they become skipped rows).
 # - kernels: 8 cases (4 of them "unavailable" without bench/.ids) of 7 providers, ~125 ms of do_bench each plus the
 #   checks and the 1M-id gradients (8.6 GB bf16): 3-8 s a case.
@@ -59,7 +59,7 @@ PLAN = [("anchors", 15, 0), ("head", 250, 60), ("kernels", 105, 35), ("scan", 70
 HEAD = {"shape": ["151936", "4096", "qwen2.5-0.5b"], "tokens": ["8192", "32768"]}
 HEAD_DRY = {"shape": ["4096", "64", "zipf"], "tokens": ["64"]}
 HEAD_PROVIDERS = ["fused frozen", "unfused frozen", "liger", "cut-cross-entropy", "F.linear_cross_entropy",
-                  "fused restricted", "restricted"]
+                  "fused restricted", "restricted", "log-probs frozen"]
 KERNEL_CASES = [r"^V128256-.*-D4096-N(65536|1048576)-bfloat16$", r"^V128256-.*-D4096-N(65536|1048576)-float32$"]
 SCAN_CASES = [r"^V128256-.*-N1e8-int64$", r"^V128256-.*-N1e8-int32$"]
 
@@ -268,14 +268,16 @@ def _head_lines(out: Path, _results) -> list[str]:
     dtype = next((r["dtype"].replace("torch.", "") for r in rows if "dtype" in r), "?")
     lines = [f"{rows[0]['model']}, {dtype}. Time: the anchor's median / fused frozen's (above 1: fused is faster); "
              "memory: fused frozen's peak / the anchor's.", "", "| N | fused frozen | vs unfused frozen | vs Liger | "
-             "vs CCE | vs F.linear_cross_entropy | fused restricted vs restricted |", "|---:|---|---|---|---|---|---|"]
+             "vs CCE | vs F.linear_cross_entropy | fused restricted vs restricted | log-probs frozen vs unfused "
+             "frozen |", "|---:|---|---|---|---|---|---|---|"]
     for n in sorted({r["N"] for r in rows}):
         fused = get(n, "fused frozen")
         cells = [f"{fused['median_s'] * 1e3:,.1f} ms, {fused['peak_bytes'] / 2**20:,.0f} MiB"
                  if fused and "median_s" in fused else _state(fused)]
         cells += [ratio(n, "fused frozen", o) for o in ("unfused frozen", "liger", "cut-cross-entropy",
                                                         "F.linear_cross_entropy")]
-        lines.append(f"| {n:,} | " + " | ".join(cells + [ratio(n, "fused restricted", "restricted")]) + " |")
+        cells += [ratio(n, "fused restricted", "restricted"), ratio(n, "log-probs frozen", "unfused frozen")]
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     return lines
 
 

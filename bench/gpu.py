@@ -45,7 +45,7 @@ PARTS = ["tests", "kernels", "scan", "head", "memory"]
 # Seconds each part may spend on cases (start-up and the last case come on top): inside 8 minutes on an H100.
 BUDGET_S = {"tests": 420, "kernels": 330, "scan": 240, "head": 360, "memory": 300}
 KERNEL_TESTS = ["tests/test_lookup.py", "tests/test_scan.py", "tests/test_linear_cross_entropy.py",
-                "tests/test_modules.py", "tests/test_id_check.py"]
+                "tests/test_linear_log_probs.py", "tests/test_modules.py", "tests/test_id_check.py"]
 
 
 def main(argv=None) -> int:

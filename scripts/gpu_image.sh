@@ -15,6 +15,7 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch, triton, transformers; print('gpu image:', torch.__version__, triton.__version__, transformers.__version__)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_linear_cross_entropy.py \
+  tests/test_linear_log_probs.py \
   "tests/test_lookup.py::test_custom_ops_trace_under_torch_compile" ${PYTEST_ARGS:-}
 out=$(mktemp -d)
 PYTHON="$VENV/bin/python" bash scripts/gpu.sh first-hour --dry-run --out "$out/first-hour"
