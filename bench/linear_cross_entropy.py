@@ -8,7 +8,8 @@ over BBC News, so the trainable rows are the ones a fine-tuning run would train)
 - `F.linear_cross_entropy`: torch's fused loss over the full [V, D] head (a [V, D] gradient).
 - on a GPU, where installed: Liger's fused linear cross-entropy and Cut Cross-Entropy (both [V, D] gradients).
 - `log-probs frozen`: what TRL's SFT asks of its fused LM head (per-token log-probs, entropy, top-1) from pema's
-  `compact_linear_log_probs` on the `frozen` head (a [U, D] gradient), beside `TRL log-probs`, TRL's own
+  `compact_linear_log_probs` on the `frozen` head (a [U, D] gradient; the uniform-gradient hint TRL's adapter
+  keeps, which the mean NLL fulfils), beside `TRL log-probs`, TRL's own
   `ChunkedLogProbFunction` over the full head (a [V, D] gradient), where TRL is installed. Loss: the mean NLL.
 
 Each case runs in its own process: peak memory is the process's peak RSS above its resident memory before the
@@ -89,6 +90,7 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
     remap table from ids to its columns (`restricted`'s targets)."""
     from pema_triton import CompactLMHead
     from pema_triton.ops import build_remap
+    from pema_triton.ops.linear_log_probs import UniformGradHint
 
     vocab_size, dim = full.shape
     if provider in ("F.linear_cross_entropy", "liger", "cut-cross-entropy", "TRL log-probs"):
@@ -97,7 +99,9 @@ def _setup(provider: str, full: torch.Tensor, used: torch.Tensor):
     linear.weight = torch.nn.Parameter(full)
     mode = "frozen" if "frozen" in provider else "restricted"
     remap = build_remap(used, vocab_size).to(full.device)
-    return {"head": CompactLMHead(linear, used, output=mode), "mode": mode, "remap": remap}
+    # The hint TRL's adapter keeps across steps (pema_triton.fused_lm_head): SFT's mean NLL is a uniform gradient.
+    return {"head": CompactLMHead(linear, used, output=mode), "mode": mode, "remap": remap,
+            "hint": UniformGradHint()}
 
 
 def _step(provider: str, held: dict, hidden, targets):
@@ -111,7 +115,7 @@ def _step(provider: str, held: dict, hidden, targets):
         target = targets if frozen_mode else held["remap"][targets].long()
         if provider == "log-probs frozen":
             loss = -compact_linear_log_probs(h, head.weight, head.frozen_weight, head.used_ids, target,
-                                             outputs=_TRL_OUTPUTS)["log_probs"].mean()
+                                             outputs=_TRL_OUTPUTS, uniform_grad_hint=held["hint"])["log_probs"].mean()
         elif provider.startswith("fused"):
             full, used = (head.frozen_weight, head.used_ids) if frozen_mode else (None, None)
             loss = compact_linear_cross_entropy(h, head.weight, full, used, target)

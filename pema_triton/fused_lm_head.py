@@ -26,7 +26,7 @@ import inspect
 import torch
 
 from .errors import CompactWeightError, UnsupportedModuleError
-from .ops.linear_log_probs import compact_linear_log_probs
+from .ops.linear_log_probs import UniformGradHint, compact_linear_log_probs
 
 __all__ = ["CompactChunkedNLL", "CompactFusedLMHead", "adapt_head_readers", "has_adapted_forward",
            "refuse_foreign_head_readers"]
@@ -110,6 +110,9 @@ class _CompactHeadForward:
 
     def __init__(self, handle, trl_forward):
         self.handle, self.trl_forward = handle, trl_forward
+        # SFT's NLL differentiates -sum(log_probs) / N: one upstream value per token, so the head gradient is made in
+        # the forward; the first trainer whose gradient is not uniform (GRPO, DPO, DFT) turns that off for good.
+        self.uniform_grad_hint = UniformGradHint()
         settings = _closure(trl_forward.__func__)
         missing = set(self.needs) - settings.keys()
         if missing:
@@ -138,7 +141,9 @@ class _CompactHeadForward:
         # TRL's cast_lm_head_to_fp32: the head in fp32, outside autocast; otherwise the autocast dtype, if any.
         with torch.autocast(scored.device.type, enabled=False) if self.fp32_head else contextlib.nullcontext():
             stats = compact_linear_log_probs(scored.float() if self.fp32_head else scored, head.weight, full_weight,
-                                             used, labels[mask], temperature=self.temperature, outputs=outputs)
+                                             used, labels[mask], temperature=self.temperature, outputs=outputs,
+                                             backend=self.handle.embeddings[0].backend,  # replace_embeddings'
+                                             uniform_grad_hint=self.uniform_grad_hint)
         return {name: None if value is None else value.new_zeros(mask.shape).masked_scatter(mask, value)
                 for name, value in stats.items()}, mask
 

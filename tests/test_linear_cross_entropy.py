@@ -150,15 +150,23 @@ def test_restricted_head_is_the_weight_itself_and_targets_are_its_columns():
     torch.testing.assert_close(weight.grad, w.grad)
 
 
-def test_gradients_kept_from_the_forward_scale_with_the_upstream_gradient_and_are_skipped_without_grad():
+def test_gradients_kept_from_the_forward_scale_with_the_upstream_gradient_and_are_skipped_without_grad(monkeypatch):
+    """Under torch.no_grad() (an evaluation) the forward makes no gradient, though the inputs require one: a
+    Function's `needs_input_grad` says True there."""
+    from pema_triton.ops import linear_cross_entropy
+
     used, full, hidden, targets = _case(97, 20, 40, 37, "random")
     loss, grad_hidden, grad_weight = _fused(used, full, hidden, targets, torch.float64, "auto")
     h, w = hidden.clone().requires_grad_(), full[used].clone().requires_grad_()
     (3 * compact_linear_cross_entropy(h, w, full.clone(), used, targets)).backward()  # grad_out = 3
     torch.testing.assert_close(h.grad, 3 * grad_hidden.cpu())
     torch.testing.assert_close(w.grad, 3 * grad_weight.cpu())
+    made, compute = [], linear_cross_entropy._loss_and_gradients
+    monkeypatch.setattr(linear_cross_entropy, "_loss_and_gradients",
+                        lambda *args: made.append(args[-2:]) or compute(*args))
     with torch.no_grad():  # no gradient to keep: the loss alone
         torch.testing.assert_close(compact_linear_cross_entropy(h, w, full.clone(), used, targets), loss.cpu())
+    assert made == [(False, False)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

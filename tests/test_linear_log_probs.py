@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from helpers.devices import BACKENDS, DEVICE
 from pema_triton import PemaError
-from pema_triton.ops import dispatch, reference
-from pema_triton.ops.linear_log_probs import LOG_PROB_OUTPUTS, compact_linear_log_probs
+from pema_triton.ops import dispatch, linear_log_probs, reference
+from pema_triton.ops.linear_log_probs import LOG_PROB_OUTPUTS, UniformGradHint, compact_linear_log_probs
 
 V, D = 37, 6  # D not a power of two
 
@@ -78,6 +78,48 @@ def test_the_log_prob_gradient_of_one_input_alone(frozen):
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "restricted"])
+def test_a_uniform_upstream_gradient_takes_the_head_gradient_made_in_the_forward(frozen, backend, monkeypatch):
+    """SFT's NLL (one upstream value per token): the hint's speculation holds, backward recomputes nothing and the
+    gradients are exact. GRPO-like weights: backward falls back (exact too), clears the hint, and the next forward
+    makes no head gradient."""
+    hidden, weight, full, used, targets = _case(23, frozen, seed=4)
+    targets[3] = 7 if frozen else targets[3]  # an unused id's row: no one-hot in any used row
+    full, used = (full, used) if frozen else (None, None)
+    want = _expected(hidden, weight, full if frozen else None, used, targets, frozen, 0.7)["log_probs"]
+    hint, calls = UniformGradHint(), {"recomputed": 0, "forward products": 0}
+    recompute, product = linear_log_probs._used_rows_gradient, linear_log_probs.add_product_fp32
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(linear_log_probs, "_used_rows_gradient", counted("recomputed", recompute))
+    monkeypatch.setattr(linear_log_probs, "add_product_fp32", counted("forward products", product))
+    for weights, recomputed in ((torch.full((23,), -1 / 23, dtype=torch.float64), 0),
+                                (torch.linspace(-1, 1, 23, dtype=torch.float64), 1)):
+        got = compact_linear_log_probs(hidden, weight, full, used, targets, temperature=0.7, backend=backend,
+                                       chunk_bytes=24 * V * 5, uniform_grad_hint=hint)["log_probs"]
+        assert calls["forward products"] > 0  # G made in the forward (several chunks)
+        grads = torch.autograd.grad((got * weights).sum(), (hidden, weight))
+        want_grads = torch.autograd.grad((want * weights).sum(), (hidden, weight), retain_graph=True)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert calls["recomputed"] == recomputed and hint.expected == (recomputed == 0)
+        calls["forward products"] = 0
+    compact_linear_log_probs(hidden, weight, full, used, targets, uniform_grad_hint=hint)
+    assert calls["forward products"] == 0  # the hint was cleared: no speculation any more
+    hint.expected, row_pass, grads_written = True, reference.log_prob_rows, []
+    monkeypatch.setattr(reference, "log_prob_rows", lambda *a, **k: grads_written.append(k["write_grad"]) or
+                        row_pass(*a, **k))
+    with torch.no_grad():  # a reference model's pass: no gradient to prepare, though the inputs require one
+        compact_linear_log_probs(hidden, weight, full, used, targets, uniform_grad_hint=hint, backend="torch")
+    assert calls["forward products"] == 0 and grads_written == [False]  # neither G nor R
+
+
 def test_the_unused_rows_of_a_frozen_head_count_in_the_softmax_and_get_no_gradient():
     hidden, weight, full, used, _ = _case(4, True)
     targets = torch.tensor([1, 2, 5, V - 2])  # unused ids: their own rows score them
@@ -105,7 +147,8 @@ def test_bad_arguments_are_typed_errors(kwargs, match):
         compact_linear_log_probs(torch.randn(2, 4), torch.randn(3, 4), None, None, torch.tensor([0, 1]), **kwargs)
 
 
-def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32():
+@pytest.mark.parametrize("hint", [None, True], ids=["recomputed", "made in the forward"])
+def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32(hint):
     """256 one-token chunks of a bf16 head give the [U, D] gradient one chunk of all 256 tokens gives: the chunks'
     products are summed in fp32 and rounded to bf16 once, as TRL's ChunkedLogProbFunction sums them. (Rounded to
     bf16 chunk by chunk they were up to 5.9% off here: 0.031 on a gradient of 0.53.)"""
@@ -114,7 +157,8 @@ def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32():
         hidden, weight, full, used, targets = _case(256, frozen=True, seed=3)
         hidden, weight, full = (t.detach().to(torch.bfloat16) for t in (hidden, weight, full))
         weight.requires_grad_(True)
-        got = compact_linear_log_probs(hidden, weight, full, used, targets, chunk_bytes=chunk_bytes)
+        got = compact_linear_log_probs(hidden, weight, full, used, targets, chunk_bytes=chunk_bytes,
+                                       uniform_grad_hint=hint and UniformGradHint())
         return torch.autograd.grad(got["log_probs"].sum(), weight)[0].float()
 
     one_chunk, token_chunks = head_gradient(12 * V * 256), head_gradient(12 * V)

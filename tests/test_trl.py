@@ -261,6 +261,23 @@ def test_refusals_for_a_biased_head_and_a_peft_reference_adapter(tmp_path):
         compact_trainer(trainer)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_adapted_head_runs_the_backend_the_model_was_compacted_with(tmp_path, monkeypatch, backend):
+    """compact_trainer(..., backend=) reaches the log-probs' row pass, as it reaches the lookups."""
+    from pema_triton.ops import dispatch, reference
+
+    model = tiny_trl.model()
+    trainer = _sft(model, tmp_path / "pema")
+    compact_trainer(trainer, callback=False, backend=backend)
+    ran = []
+    for name, module in (("triton", dispatch.kernels_or_reference(True)), ("torch", reference)):
+        row_pass = module.log_prob_rows
+        monkeypatch.setattr(module, "log_prob_rows",
+                            lambda *a, _name=name, _run=row_pass, **k: ran.append(_name) or _run(*a, **k))
+    trainer.compute_loss(model, next(iter(trainer.get_train_dataloader())))
+    assert ran and set(ran) == {dispatch.resolve_backend(backend, torch.device("cpu"))}
+
+
 def test_generation_sees_the_forwards_signature(tmp_path):
     """generate() reads the forward's parameters to build an attention mask from the padding: the adapter shows
     TRL's (the model's own), so a left-padded batch without a mask decodes as the uncompacted model does."""

@@ -56,13 +56,16 @@ class _LossParams:
 
     ignore_index: the target whose loss is 0. compute_dtype: the GEMMs' dtype (the autocast dtype, else the
     hidden states'). chunk: tokens per chunk. rows: :mod:`~pema_triton.ops.kernels` or
-    :mod:`~pema_triton.ops.reference`, whose `cross_entropy_rows` runs the row pass.
+    :mod:`~pema_triton.ops.reference`, whose `cross_entropy_rows` runs the row pass. grad_enabled: grad mode at
+    the call (a Function's forward always runs without it, and its `needs_input_grad` ignores it: under
+    `torch.no_grad()`, an evaluation, it still says True).
     """
 
     ignore_index: int
     compute_dtype: torch.dtype
     chunk: int
     rows: ModuleType
+    grad_enabled: bool
 
 
 class _CompactLinearCrossEntropy(torch.autograd.Function):
@@ -75,7 +78,7 @@ class _CompactLinearCrossEntropy(torch.autograd.Function):
             head = weight.detach()
         else:  # the frozen buffer's used rows are stale until rewritten, as the frozen head's forward does
             head = full_weight.index_copy_(0, used_ids, weight.detach().to(full_weight.dtype))
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        need_hidden, need_weight = (need and params.grad_enabled for need in ctx.needs_input_grad[:2])
         loss, grad_hidden, grad_weight = _loss_and_gradients(hidden, head, used_ids, weight.shape[0], targets, scale,
                                                              params, need_hidden, need_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -193,7 +196,7 @@ def compact_linear_cross_entropy(
         chunk_bytes = default_chunk_bytes(device)
     chunk = tokens_per_chunk(flat_hidden.shape[0], width, None if used_ids is None else used_ids.numel(), dtype,
                              chunk_bytes, upcast=not kernels)
-    params = _LossParams(ignore_index, dtype, chunk, kernels_or_reference(kernels))
+    params = _LossParams(ignore_index, dtype, chunk, kernels_or_reference(kernels), torch.is_grad_enabled())
     valid = flat_targets != ignore_index
     if num_items_in_batch is None:
         denominator = valid.sum().to(accumulation_dtype(dtype))

@@ -26,13 +26,28 @@ from ._checks import accumulation_dtype
 from .dispatch import kernels_or_reference, uses_kernels
 from .linear_cross_entropy import add_product_fp32, default_chunk_bytes
 
-__all__ = ["LOG_PROB_OUTPUTS", "compact_linear_log_probs"]
+__all__ = ["LOG_PROB_OUTPUTS", "UniformGradHint", "compact_linear_log_probs"]
 
 # What TRL's FusedCausalLMOutput holds per token, beside `log_probs` (always computed).
 LOG_PROB_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Accumulation-dtype bytes per logit the PyTorch passes hold at once: the logits (then log p), the softmax (then
 # its gradient) and one temporary. The Triton row pass works in the logits' own memory (2 B per logit in bf16).
 _TORCH_PASS_BYTES = 3
+
+
+class UniformGradHint:
+    """Whether the upstream gradient of `log_probs` has been one value for every token (SFT's NLL: `-1 / N` each)
+    in the calls so far. While it has, the forward also makes `G = (p - onehot)[:, used].T @ h / T` (one GEMM over
+    [U, D], where the softmax already is) and backward's head gradient is `-c G` for that value `c`, instead of
+    recomputing the U used columns' logits (two GEMMs); the check is one host read of a reduction over [N]. The
+    first backward whose gradient differs (GRPO's advantages, DFT's weights) falls back to the recomputation and
+    clears `expected`, so later forwards make no `G`: one wasted GEMM over [U, D], once."""
+
+    def __init__(self, expected: bool = True):
+        self.expected = expected
+
+    def __repr__(self) -> str:
+        return f"UniformGradHint(expected={self.expected})"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class _Params:
     recompute_chunk: int  # tokens per chunk where entropy's gradient recomputes every logit in torch
     compute_dtype: torch.dtype
     rows: ModuleType
+    hint: UniformGradHint | None  # speculate a uniform upstream gradient (the head gradient made in the forward)
+    grad_enabled: bool  # grad mode at the call: `needs_input_grad` says True under torch.no_grad() too
 
 
 class _CompactLinearLogProbs(torch.autograd.Function):
@@ -57,11 +74,14 @@ class _CompactLinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, full_weight, used, targets, params: _Params):
         ctx.set_materialize_grads(False)  # entropy is mostly logged: no zero gradient to run backward for
-        out, lse, hidden_grad_rows = _statistics(hidden, full_weight, targets, params, ctx.needs_input_grad[0])
+        need_hidden, need_weight = (need and params.grad_enabled for need in ctx.needs_input_grad[:2])
+        speculate = need_weight and params.hint is not None and params.hint.expected
+        out, lse, hidden_grad_rows, uniform_weight_grad = _statistics(
+            hidden, full_weight, used, weight.shape[0], targets, params, need_hidden, speculate)
         # The head is held on ctx, not saved: a frozen head's buffer is refreshed in place by the next forward
         # (DPO's reference pass runs between the policy's forward and backward), with the same rows until the
         # optimizer steps, which autograd's version check would refuse.
-        ctx.save_for_backward(hidden, weight, used, targets, lse, hidden_grad_rows)
+        ctx.save_for_backward(hidden, weight, used, targets, lse, hidden_grad_rows, uniform_weight_grad)
         ctx.full_weight, ctx.params = full_weight, params
         ctx.mark_non_differentiable(*(x for x in out[2:] if x is not None))
         return tuple(out)
@@ -70,7 +90,7 @@ class _CompactLinearLogProbs(torch.autograd.Function):
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_log_probs, grad_entropy, *_):
-        hidden, weight, used, targets, lse, hidden_grad_rows = ctx.saved_tensors
+        hidden, weight, used, targets, lse, hidden_grad_rows, uniform_weight_grad = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = grad_weight = None
         if grad_entropy is not None:
@@ -79,20 +99,32 @@ class _CompactLinearLogProbs(torch.autograd.Function):
             g = grad_log_probs.to(lse.dtype)
             if need_hidden:  # d log p_t / d h = -(p - onehot(t)) @ head / T = -R
                 grad_hidden = hidden_grad_rows.to(lse.dtype).mul_(-g[:, None])
-            if need_weight:
+            if need_weight and uniform_weight_grad is not None and _uniform(g):  # d / d W of c * sum(log p) = -c G
+                grad_weight = uniform_weight_grad.mul(-g[0]) if len(g) else uniform_weight_grad
+            elif need_weight:
+                if uniform_weight_grad is not None:  # speculated, and the gradient is not uniform: not again
+                    ctx.params.hint.expected = False
                 grad_weight = _used_rows_gradient(hidden, weight, used, ctx.full_weight, targets, lse, g, ctx.params)
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None)
 
 
-def _statistics(hidden, full_weight, targets, params: _Params, need_hidden: bool):
-    """([every LOG_PROB_OUTPUTS' [N] tensor or None], [N] lse, [N, D] R in the compute dtype or None); statistics
-    in the accumulation dtype (fp32, fp64 for fp64)."""
+def _uniform(g: torch.Tensor) -> bool:
+    """Whether every token's upstream gradient is the same value (a host read: a sync on a GPU)."""
+    return len(g) == 0 or bool((g == g[0]).all())
+
+
+def _statistics(hidden, full_weight, used, num_rows, targets, params: _Params, need_hidden: bool, speculate: bool):
+    """([every LOG_PROB_OUTPUTS' [N] tensor or None], [N] lse, [N, D] R in the compute dtype or None, [U, D] G in
+    the accumulation dtype where `speculate`, else None); statistics in the accumulation dtype (fp32, fp64 for
+    fp64). G is `(p - onehot)[:, used].T @ h / T`: the head gradient of `-sum(log_probs)`."""
     stats = {name: [] for name in LOG_PROB_OUTPUTS}
     lse_chunks = []
     dtype, outputs = params.compute_dtype, params.outputs
     head = full_weight.to(dtype)  # cast once (under autocast), not per chunk
     hidden_grad_rows = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
+    acc = accumulation_dtype(dtype)
+    uniform_weight_grad = hidden.new_zeros(num_rows, hidden.shape[1], dtype=acc) if speculate else None
     for start in range(0, hidden.shape[0], params.chunk):
         rows = slice(start, start + params.chunk)
         t = targets[rows]
@@ -104,7 +136,7 @@ def _statistics(hidden, full_weight, targets, params: _Params, need_hidden: bool
             if "mean_logits" in outputs:
                 stats["mean_logits"].append(z.mean(-1))
         row = params.rows.log_prob_rows(logits, t, params.temperature, entropy="entropy" in outputs,
-                                        top1="is_top1" in outputs, write_grad=need_hidden)
+                                        top1="is_top1" in outputs, write_grad=need_hidden or speculate)
         lse_chunks.append(row.lse)
         stats["log_probs"].append(row.log_probs)
         if row.entropy is not None:
@@ -113,13 +145,15 @@ def _statistics(hidden, full_weight, targets, params: _Params, need_hidden: bool
             stats["is_top1"].append(row.argmax == t)  # the first maximum, as TRL's kernel decides ties
         if need_hidden:  # R = (p - onehot(t)) @ head / T
             hidden_grad_rows[rows] = row.grad @ head
+        if speculate:
+            columns = row.grad if used is None else row.grad.index_select(1, used)
+            add_product_fp32(uniform_weight_grad, columns.t(), hidden[rows].to(dtype))
     out = [torch.cat(chunks) if chunks else None for chunks in stats.values()]
-    acc = accumulation_dtype(dtype)
     if hidden.shape[0] == 0:  # no valid token: empty outputs of the right dtypes
         out = [None if name not in (*outputs, "log_probs") else
                hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else acc) for name in LOG_PROB_OUTPUTS]
     lse = torch.cat(lse_chunks) if lse_chunks else hidden.new_zeros(0, dtype=acc)
-    return out, lse, hidden_grad_rows
+    return out, lse, hidden_grad_rows, uniform_weight_grad
 
 
 def _used_rows_gradient(hidden, weight, used, full_weight, targets, lse, g, params: _Params):
@@ -148,7 +182,7 @@ def _used_rows_gradient(hidden, weight, used, full_weight, targets, lse, g, para
 def _recomputed_gradients(ctx, grad_log_probs, grad_entropy):
     """(grad_hidden, grad_weight: fp32 (fp64) or None) of log-probs and entropy, from the logits recomputed
     over the whole head."""
-    hidden, weight, used, targets, lse, _ = ctx.saved_tensors
+    hidden, weight, used, targets, lse, *_ = ctx.saved_tensors
     full_weight, params = ctx.full_weight, ctx.params
     grad_hidden = torch.zeros_like(hidden, dtype=lse.dtype) if ctx.needs_input_grad[0] else None
     grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
@@ -182,6 +216,19 @@ def _logits(hidden: torch.Tensor, head: torch.Tensor, params: _Params) -> torch.
     return logits if params.temperature == 1.0 else logits / params.temperature
 
 
+def _tokens_per_chunk(width: int, num_used: int, dtype: torch.dtype, kernels: bool, gathers: bool,
+                      chunk_bytes: int) -> tuple[int, int]:
+    """(tokens per chunk, tokens per chunk of the full recomputation) within `chunk_bytes`. Per token: the
+    forward's [V'] logits (the kernel's in their dtype, torch's passes in three fp32 copies) and, speculating a
+    uniform gradient, their gradient's [U] used columns gathered; the backward's [U] used columns (fp32 and their
+    gradient in the compute dtype)."""
+    size, acc = (torch.empty(0, dtype=d).element_size() for d in (dtype, accumulation_dtype(dtype)))
+    torch_pass = _TORCH_PASS_BYTES * acc * width
+    per_token = max((size * width if kernels else torch_pass) + (size * num_used if gathers else 0),
+                    (acc + size) * num_used)
+    return max(1, chunk_bytes // per_token), max(1, chunk_bytes // torch_pass)
+
+
 def compact_linear_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -193,6 +240,7 @@ def compact_linear_log_probs(
     outputs: tuple[str, ...] = ("log_probs",),
     backend: str = "auto",
     chunk_bytes: int | None = None,
+    uniform_grad_hint: UniformGradHint | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Per-token `log softmax(hidden @ head.T / temperature)[target]` and the other `outputs`, without the [N, V]
     logits; gradients of `log_probs` and `entropy` flow to `hidden` and to `weight` ([U, D]) only.
@@ -209,6 +257,9 @@ def compact_linear_log_probs(
         chunk_bytes: a chunk's transient memory; by default
             :func:`~pema_triton.ops.linear_cross_entropy.default_chunk_bytes` (512 MiB on a GPU, at most a quarter
             of its free memory; 256 MiB on a CPU).
+        uniform_grad_hint: where the caller expects `log_probs`' upstream gradient to be one value for every token
+            (an NLL loss), a :class:`UniformGradHint` kept across calls: the head gradient is then made in the
+            forward (see there); None: never speculate.
 
     Returns:
         {name: [N] tensor or None} for every name in :data:`LOG_PROB_OUTPUTS`: fp32 statistics (fp64 for fp64),
@@ -229,13 +280,10 @@ def compact_linear_log_probs(
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     kernels = uses_kernels(backend, hidden.device)
     chunk_bytes = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
-    # Per token: the forward's [V'] logits (the kernel's in their dtype, torch's passes in three fp32 copies), the
-    # backward's [U] used columns (fp32 and their gradient in the compute dtype).
-    size, acc = (torch.empty(0, dtype=d).element_size() for d in (compute_dtype, accumulation_dtype(compute_dtype)))
-    torch_pass = _TORCH_PASS_BYTES * acc * head.shape[0]
-    per_token = max(size * head.shape[0] if kernels else torch_pass, (acc + size) * weight.shape[0])
-    params = _Params(float(temperature), tuple(outputs), max(1, chunk_bytes // per_token),
-                     max(1, chunk_bytes // torch_pass), compute_dtype, kernels_or_reference(kernels))
+    gathers = uniform_grad_hint is not None and used_ids is not None
+    params = _Params(float(temperature), tuple(outputs), *_tokens_per_chunk(head.shape[0], weight.shape[0],
+                     compute_dtype, kernels, gathers, chunk_bytes), compute_dtype, kernels_or_reference(kernels),
+                     uniform_grad_hint, torch.is_grad_enabled())
     with torch.autocast(device, enabled=False):
         values = _CompactLinearLogProbs.apply(hidden, weight, head, used_ids, targets.long(), params)
     return dict(zip(LOG_PROB_OUTPUTS, values))
