@@ -45,7 +45,7 @@ def test_every_output_and_the_gradients_equal_full_logits(frozen, n, temperature
     hidden, weight, full, used, targets = _case(n, frozen)
     got = compact_linear_log_probs(hidden, weight, full if frozen else None, used if frozen else None, targets,
                                    temperature=temperature, outputs=LOG_PROB_OUTPUTS, backend=backend,
-                                   chunk_bytes=24 * V * 5)  # 5 tokens a chunk: several chunks
+                                   chunk_bytes=8 * V * 5)  # 5 tokens a chunk (1 recomputing): several chunks
     want = _expected(hidden, weight, full, used, targets, frozen, temperature)
     for name in LOG_PROB_OUTPUTS:
         if name == "is_top1":
@@ -72,7 +72,7 @@ def test_the_log_prob_gradient_of_one_input_alone(frozen):
     for wanted in (hidden, weight):
         inputs = (hidden.detach().requires_grad_(wanted is hidden), weight.detach().requires_grad_(wanted is weight))
         got = compact_linear_log_probs(*inputs, full if frozen else None, used if frozen else None, targets,
-                                       chunk_bytes=24 * V * 4)["log_probs"]
+                                       chunk_bytes=8 * V * 4)["log_probs"]
         (grad,) = torch.autograd.grad(got.sum(), inputs[0] if wanted is hidden else inputs[1])
         torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), wanted, retain_graph=True)[0],
                                    rtol=1e-10, atol=1e-12)
@@ -102,7 +102,7 @@ def test_a_uniform_upstream_gradient_takes_the_head_gradient_made_in_the_forward
     for weights, recomputed in ((torch.full((23,), -1 / 23, dtype=torch.float64), 0),
                                 (torch.linspace(-1, 1, 23, dtype=torch.float64), 1)):
         got = compact_linear_log_probs(hidden, weight, full, used, targets, temperature=0.7, backend=backend,
-                                       chunk_bytes=24 * V * 5, uniform_grad_hint=hint)["log_probs"]
+                                       chunk_bytes=8 * V * 5, uniform_grad_hint=hint)["log_probs"]
         assert calls["forward products"] > 0  # G made in the forward (several chunks)
         grads = torch.autograd.grad((got * weights).sum(), (hidden, weight))
         want_grads = torch.autograd.grad((want * weights).sum(), (hidden, weight), retain_graph=True)
@@ -215,8 +215,8 @@ def test_log_prob_row_pass_kernel_equals_the_reference(name, width, n, how, dtyp
             torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=16 * eps,
                                        atol=16 * eps * 4 * width ** 0.5, msg=field)
         assert torch.equal(got.argmax, want.argmax)
-        if write_grad:  # one rounding of the logits' dtype apart (fp64: exp's of z - lse, lse a few ulps apart)
-            tol = 2 * torch.finfo(dtype).eps if dtype != torch.float64 else 64 * eps
+        if write_grad:  # one rounding of the logits' dtype apart, and exp(z - lse) against exp(z - max) / sum:
+            tol = 2 * torch.finfo(dtype).eps + 64 * eps  # an exponent of |z / T - lse| ~ 20 carries ~20 ulps
             assert got.grad is got_z  # the kernel writes in place
             torch.testing.assert_close(got.grad, want.grad, rtol=tol, atol=tol)
         else:

@@ -30,9 +30,9 @@ __all__ = ["LOG_PROB_OUTPUTS", "UniformGradHint", "compact_linear_log_probs"]
 
 # What TRL's FusedCausalLMOutput holds per token, beside `log_probs` (always computed).
 LOG_PROB_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-# Accumulation-dtype bytes per logit the PyTorch passes hold at once: the logits (then log p), the softmax (then
-# its gradient) and one temporary. The Triton row pass works in the logits' own memory (2 B per logit in bf16).
-_TORCH_PASS_BYTES = 3
+# Accumulation-dtype copies of a chunk's logits that the full recomputation (entropy's gradient) holds at once: the
+# logits, log p, p, their gradient and two temporaries.
+_RECOMPUTE_COPIES = 6
 
 
 class UniformGradHint:
@@ -219,14 +219,13 @@ def _logits(hidden: torch.Tensor, head: torch.Tensor, params: _Params) -> torch.
 def _tokens_per_chunk(width: int, num_used: int, dtype: torch.dtype, kernels: bool, gathers: bool,
                       chunk_bytes: int) -> tuple[int, int]:
     """(tokens per chunk, tokens per chunk of the full recomputation) within `chunk_bytes`. Per token: the
-    forward's [V'] logits (the kernel's in their dtype, torch's passes in three fp32 copies) and, speculating a
-    uniform gradient, their gradient's [U] used columns gathered; the backward's [U] used columns (fp32 and their
-    gradient in the compute dtype)."""
+    forward's [V'] logits (the kernel works in their memory; the reference too in fp32, and beside a half chunk
+    holds an fp32 copy and the gradient's cast) and, speculating a uniform gradient, their gradient's [U] used
+    columns gathered; the backward's [U] used columns (fp32 and their gradient in the compute dtype)."""
     size, acc = (torch.empty(0, dtype=d).element_size() for d in (dtype, accumulation_dtype(dtype)))
-    torch_pass = _TORCH_PASS_BYTES * acc * width
-    per_token = max((size * width if kernels else torch_pass) + (size * num_used if gathers else 0),
-                    (acc + size) * num_used)
-    return max(1, chunk_bytes // per_token), max(1, chunk_bytes // torch_pass)
+    per_logit = size if kernels or size == acc else 2 * size + acc
+    per_token = max(per_logit * width + (size * num_used if gathers else 0), (acc + size) * num_used)
+    return max(1, chunk_bytes // per_token), max(1, chunk_bytes // (_RECOMPUTE_COPIES * acc * width))
 
 
 def compact_linear_log_probs(
