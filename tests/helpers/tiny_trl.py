@@ -85,8 +85,12 @@ def logged(trainer, *keys) -> list[tuple]:
 
 
 def assert_same_run(trainer, reference, keys, model=None, baseline=None) -> None:
-    """The `keys` the two trainers logged and, where given, the two models' weights, equal to fp32 round-off."""
+    """The `keys` the two trainers logged and, where given, the two models' weights, equal to fp32 round-off.
+
+    Weights to 1e-5 absolute: the two heads sum the same gradients in other orders (pema's made in the forward,
+    TRL's recomputed), and Adam at lr 1e-2 turns 1e-7 of gradient round-off on a near-zero element into up to 7.9e-6
+    of weight after 3 steps (test_embedding_lr, measured); a row trained that should not be is off by ~lr."""
     torch.testing.assert_close(torch.tensor(logged(trainer, *keys)), torch.tensor(logged(reference, *keys)),
                                rtol=1e-5, atol=1e-6)
     for name, tensor in ({} if baseline is None else baseline.state_dict()).items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
