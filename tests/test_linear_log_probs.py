@@ -120,6 +120,29 @@ def test_a_uniform_upstream_gradient_takes_the_head_gradient_made_in_the_forward
     assert calls["forward products"] == 0 and grads_written == [False]  # neither G nor R
 
 
+@pytest.mark.slow  # compiles (the fast tier compiles nothing)
+@pytest.mark.parametrize("uniform", [True, False], ids=["NLL", "per-token weights"])
+def test_compiled_with_the_hint_gives_the_eager_gradients(uniform):
+    """torch.compile(fullgraph=True) over the op with a hint: no speculation while tracing (backward's uniformity
+    check is a host read: data-dependent, it failed the compile), the eager gradients."""
+    hidden, weight, full, used, targets = (t.float() if t.is_floating_point() else t for t in _case(12, True, seed=6))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    weights = torch.full((12,), -1 / 12) if uniform else torch.linspace(-1, 1, 12)
+
+    def step(h, w, hint):
+        out = compact_linear_log_probs(h, w, full, used, targets, backend="torch", chunk_bytes=4 * V * 5,
+                                       uniform_grad_hint=hint)  # log-probs alone: with entropy among the outputs
+        # the compiled backward gets a zero entropy gradient (not None) and recomputes everything
+        return (out["log_probs"] * weights).sum()
+
+    want = torch.autograd.grad(step(hidden, weight, UniformGradHint()), (hidden, weight))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # AOTAutograd traces backward: the point
+    got = torch.autograd.grad(compiled(hidden, weight, UniformGradHint()), (hidden, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_the_unused_rows_of_a_frozen_head_count_in_the_softmax_and_get_no_gradient():
     hidden, weight, full, used, _ = _case(4, True)
     targets = torch.tensor([1, 2, 5, V - 2])  # unused ids: their own rows score them

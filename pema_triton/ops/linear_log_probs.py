@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import PemaError
 from ._checks import accumulation_dtype
@@ -75,7 +76,9 @@ class _CompactLinearLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, full_weight, used, targets, params: _Params):
         ctx.set_materialize_grads(False)  # entropy is mostly logged: no zero gradient to run backward for
         need_hidden, need_weight = (need and params.grad_enabled for need in ctx.needs_input_grad[:2])
-        speculate = need_weight and params.hint is not None and params.hint.expected
+        # Not while torch.compile traces: backward's check is a host read, a data-dependent branch in its graph.
+        speculate = (need_weight and params.hint is not None and params.hint.expected
+                     and not (torch.compiler.is_compiling() or is_fake(hidden)))
         out, lse, hidden_grad_rows, uniform_weight_grad = _statistics(
             hidden, full_weight, used, weight.shape[0], targets, params, need_hidden, speculate)
         # The head is held on ctx, not saved: a frozen head's buffer is refreshed in place by the next forward
