@@ -89,16 +89,18 @@ def test_a_uniform_upstream_gradient_takes_the_head_gradient_made_in_the_forward
     full, used = (full, used) if frozen else (None, None)
     want = _expected(hidden, weight, full if frozen else None, used, targets, frozen, 0.7)["log_probs"]
     hint, calls = UniformGradHint(), {"recomputed": 0, "forward products": 0}
-    recompute, product = linear_log_probs._used_rows_gradient, linear_log_probs.add_product_fp32
+    recompute, gradients = linear_log_probs._used_rows_gradient, linear_log_probs.add_chunk_gradients
 
-    def counted(name, fn):
+    def counted(name, fn, counts=lambda args: True):
         def wrapper(*args, **kwargs):
-            calls[name] += 1
+            calls[name] += counts(args)
             return fn(*args, **kwargs)
         return wrapper
 
     monkeypatch.setattr(linear_log_probs, "_used_rows_gradient", counted("recomputed", recompute))
-    monkeypatch.setattr(linear_log_probs, "add_product_fp32", counted("forward products", product))
+    # A chunk's gradient GEMMs with a head gradient to add into (their last argument): G made in the forward.
+    monkeypatch.setattr(linear_log_probs, "add_chunk_gradients",
+                        counted("forward products", gradients, lambda args: args[-1] is not None))
     for weights, recomputed in ((torch.full((23,), -1 / 23, dtype=torch.float64), 0),
                                 (torch.linspace(-1, 1, 23, dtype=torch.float64), 1)):
         got = compact_linear_log_probs(hidden, weight, full, used, targets, temperature=0.7, backend=backend,

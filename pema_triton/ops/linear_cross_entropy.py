@@ -27,7 +27,8 @@ from ._checks import accumulation_dtype, check_linear_cross_entropy_inputs
 from .dispatch import kernels_or_reference, uses_kernels
 
 __all__ = [
-    "CHUNK_BYTES", "add_product_fp32", "compact_linear_cross_entropy", "default_chunk_bytes", "tokens_per_chunk",
+    "CHUNK_BYTES", "add_chunk_gradients", "add_product_fp32", "compact_linear_cross_entropy", "default_chunk_bytes",
+    "tokens_per_chunk",
 ]
 
 # A chunk's logits and the used columns of their gradient. On a GPU 512 MiB: 1,408 tokens at V = 152k, U = 30k in
@@ -111,12 +112,21 @@ def _loss_and_gradients(hidden, head, used_ids, num_rows, targets, scale, params
         logits = h @ head.t()
         loss[rows] = params.rows.cross_entropy_rows(logits, targets[rows], scale[rows], params.ignore_index,
                                                     need_hidden or need_weight)
-        if need_hidden:  # `logits` now holds the logit gradient
-            grad_hidden[rows] = logits @ head
-        if need_weight:
-            used = logits if used_ids is None else logits.index_select(1, used_ids)
-            add_product_fp32(grad_weight, used.t(), h)
+        # `logits` now holds the logit gradient
+        add_chunk_gradients(logits, head, h, used_ids, None if grad_hidden is None else grad_hidden[rows], grad_weight)
     return loss, grad_hidden, grad_weight
+
+
+def add_chunk_gradients(dz: torch.Tensor, head: torch.Tensor, h: torch.Tensor, used_ids: torch.Tensor | None,
+                        grad_hidden_rows: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """A chunk's two gradient GEMMs from its logit gradient `dz` [n, V'] (compute dtype): `grad_hidden_rows[:] =
+    dz @ head` ([n, D]) and `grad_weight += dz[:, used_ids].T @ h` (fp32 [U, D]; every column where `used_ids` is
+    None); each skipped where its output is None."""
+    if grad_hidden_rows is not None:
+        torch.matmul(dz, head, out=grad_hidden_rows)
+    if grad_weight is not None:
+        used = dz if used_ids is None else dz.index_select(1, used_ids)
+        add_product_fp32(grad_weight, used.t(), h)
 
 
 # torch.addmm(..., out_dtype=torch.float32) of half inputs: CUDA only (the CPU build has no kernel for it). Set to

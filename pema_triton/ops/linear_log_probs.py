@@ -23,9 +23,9 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import PemaError
-from ._checks import accumulation_dtype
+from ._checks import accumulation_dtype, check_linear_cross_entropy_inputs
 from .dispatch import kernels_or_reference, uses_kernels
-from .linear_cross_entropy import add_product_fp32, default_chunk_bytes
+from .linear_cross_entropy import add_chunk_gradients, add_product_fp32, default_chunk_bytes
 
 __all__ = ["LOG_PROB_OUTPUTS", "UniformGradHint", "compact_linear_log_probs"]
 
@@ -132,25 +132,26 @@ def _statistics(hidden, full_weight, used, num_rows, targets, params: _Params, n
         rows = slice(start, start + params.chunk)
         t = targets[rows]
         logits = hidden[rows].to(dtype) @ head.t()  # [n, V'], overwritten by the row pass
+        lse_of_squares = None
         if "log_sum_sq_probs" in outputs or "mean_logits" in outputs:  # rarely asked: torch passes, first
             z = logits.to(accumulation_dtype(dtype)) / params.temperature
-            if "log_sum_sq_probs" in outputs:
-                stats["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1))
+            if "log_sum_sq_probs" in outputs:  # log sum p^2 = logsumexp(2 z) - 2 lse, lse from the row pass
+                lse_of_squares = torch.logsumexp(2 * z, dim=-1)
             if "mean_logits" in outputs:
                 stats["mean_logits"].append(z.mean(-1))
         row = params.rows.log_prob_rows(logits, t, params.temperature, entropy="entropy" in outputs,
                                         top1="is_top1" in outputs, write_grad=need_hidden or speculate)
+        if lse_of_squares is not None:
+            stats["log_sum_sq_probs"].append(lse_of_squares - 2 * row.lse)
         lse_chunks.append(row.lse)
         stats["log_probs"].append(row.log_probs)
         if row.entropy is not None:
             stats["entropy"].append(row.entropy)
         if row.argmax is not None:
             stats["is_top1"].append(row.argmax == t)  # the first maximum, as TRL's kernel decides ties
-        if need_hidden:  # R = (p - onehot(t)) @ head / T
-            hidden_grad_rows[rows] = row.grad @ head
-        if speculate:
-            columns = row.grad if used is None else row.grad.index_select(1, used)
-            add_product_fp32(uniform_weight_grad, columns.t(), hidden[rows].to(dtype))
+        if need_hidden or speculate:  # R = (p - onehot(t)) @ head / T, and G
+            add_chunk_gradients(row.grad, head, hidden[rows].to(dtype), used,
+                                None if hidden_grad_rows is None else hidden_grad_rows[rows], uniform_weight_grad)
     out = [torch.cat(chunks) if chunks else None for chunks in stats.values()]
     if hidden.shape[0] == 0:  # no valid token: empty outputs of the right dtypes
         out = [None if name not in (*outputs, "log_probs") else
@@ -270,11 +271,7 @@ def compact_linear_log_probs(
     unknown = set(outputs) - set(LOG_PROB_OUTPUTS)
     if unknown:
         raise PemaError(f"unknown outputs {sorted(unknown)}; choose among {LOG_PROB_OUTPUTS}")
-    if (full_weight is None) != (used_ids is None):
-        raise PemaError("pass full_weight and used_ids together (frozen head), or neither (weight is the head)")
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
-        raise PemaError(f"expected hidden [N, D], targets [N] and weight [U, D], got {tuple(hidden.shape)}, "
-                        f"{tuple(targets.shape)} and {tuple(weight.shape)}")
+    check_linear_cross_entropy_inputs(hidden, weight, full_weight, used_ids, targets)
     if temperature <= 0:
         raise PemaError(f"temperature must be positive, got {temperature}")
     head = weight.detach() if full_weight is None else full_weight

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import LogProbRows
+from .._checks import LogProbRows, accumulation_dtype
 from ._common import INTERPRET, launchable, on_tensors_device
 
 
@@ -126,7 +126,7 @@ def cross_entropy_rows(
     write_grad: bool = True,
 ) -> torch.Tensor:
     """Triton row pass, with the contract of :func:`pema_triton.ops.reference.cross_entropy_rows`."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
     _launch(logits, targets, scale, loss, write_grad, ignore_index=ignore_index)
     return loss
@@ -139,7 +139,7 @@ def log_prob_rows(
 ) -> LogProbRows:
     """Triton row pass, with the contract of :func:`pema_triton.ops.reference.log_prob_rows`."""
     num_tokens = logits.shape[0]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     loss, lse = (torch.empty(num_tokens, dtype=acc, device=logits.device) for _ in range(2))
     ent = torch.empty_like(lse) if entropy else None
     argmax = torch.empty(num_tokens, dtype=torch.int64, device=logits.device) if top1 else None
