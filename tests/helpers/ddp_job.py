@@ -10,6 +10,7 @@ compares. `mismatch`: each rank scans only its shard (combine_ranks=False) and r
 with pema_triton's INFO log on: the test counts what the job printed.
 """
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -83,15 +84,27 @@ def _manners_job(rank):
     replace_embeddings(model, shard_used)
 
 
-if __name__ == "__main__":
+def run_rank(job, *args):
+    """Run `job(rank, *args)` in a 2-minute gloo process group, then leave without interpreter finalization.
+
+    The barrier keeps a rank from tearing down while its peer is still in a collective (gloo aborted 1 run in 4
+    without it). Even after it, a gloo worker thread can still hold the last reference to a finished collective's
+    tensors; released during finalization, that takes the GIL from a C++ thread and aborts the rank with
+    "terminate called without an active exception" (pytorch/pytorch#179291 describes the mechanism). It did so once
+    in CI's slow tier at 013dfd8, after every result was written. os._exit(0) skips finalization: a job that raised
+    still exits 1 with its traceback.
+    """
     dist.init_process_group("gloo", timeout=timedelta(minutes=2))
     try:
-        if sys.argv[1] == "train":
-            _train_job(dist.get_rank(), *sys.argv[2:5])
-        elif sys.argv[1] == "manners":
-            _manners_job(dist.get_rank())
-        else:
-            _mismatch_job(dist.get_rank(), sys.argv[2])
-        dist.barrier()  # as in fsdp_job: gloo may abort a rank that tears down while its peer is still busy
+        job(dist.get_rank(), *args)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    JOBS = {"train": _train_job, "manners": _manners_job, "mismatch": _mismatch_job}
+    run_rank(JOBS[sys.argv[1]], *sys.argv[2:])

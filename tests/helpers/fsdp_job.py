@@ -12,7 +12,6 @@ RESULT_DIR/result.pt; RESULT_DIR/pretrained is the plain checkpoint, RESULT_DIR/
 """
 
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -118,11 +117,4 @@ def main(rank, name, output, result_dir):
 
 
 if __name__ == "__main__":
-    dist.init_process_group("gloo", timeout=timedelta(minutes=2))
-    try:
-        main(dist.get_rank(), *sys.argv[1:4])
-        # gloo aborts a rank that tears down while its peer is still in a collective ("terminate called without
-        # an active exception", 1 run in 4 here without this barrier).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    ddp_job.run_rank(main, *sys.argv[1:4])
