@@ -26,7 +26,8 @@ CASES = [("llama-untied", "frozen"), ("llama-untied", "restricted"), ("llama-unt
 
 def _torchrun(job, *args):
     tests = str(Path(job.__file__).parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=path)  # an abort prints stacks
     for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # set by the examples tests import: no bars
         env.pop(name, None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

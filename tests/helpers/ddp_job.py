@@ -91,8 +91,9 @@ def run_rank(job, *args):
     without it). Even after it, a gloo worker thread can still hold the last reference to a finished collective's
     tensors; released during finalization, that takes the GIL from a C++ thread and aborts the rank with
     "terminate called without an active exception" (pytorch/pytorch#179291 describes the mechanism). It did so once
-    in CI's slow tier at 013dfd8, after every result was written. os._exit(0) skips finalization: a job that raised
-    still exits 1 with its traceback.
+    in CI's slow tier at 013dfd8, without a Python traceback (the launching tests set PYTHONFAULTHANDLER now: an
+    abort prints each thread's Python stack). os._exit(0) skips finalization; a job that raised still exits 1 with
+    its traceback.
     """
     dist.init_process_group("gloo", timeout=timedelta(minutes=2))
     try:
