@@ -51,8 +51,9 @@ TOTAL_S = 540
 # - head: 16 cases, each a process (5 s of imports, first-call compiles of 5-15 s, then 6 steps of 0.05-0.5 s:
 #   8k is 3e13 FLOP a step, 32k 1.2e14): 8-15 s a case, about 215 s. A running case is stopped at the deadline only
 #   (a slow first compile takes the later cases' time; they become skipped rows).
-# - kernels: 8 cases (4 of them "unavailable" without bench/.ids) of 7 providers, ~125 ms of do_bench each plus the
-#   checks and the 1M-id gradients (8.6 GB bf16): 3-8 s a case.
+# - kernels: 8 cases (4 of them "unavailable" without bench/.ids) of 8 providers (the sorted backward's other tile
+#   among them), ~125 ms of do_bench each plus the checks, the 1M-id gradients (8.6 GB bf16) and each tile's first
+#   compile: 3-9 s a case.
 # - scan: 4 cases of 10^8 ids (0.4-0.8 GB), 5 timed providers: 3-6 s a case.
 # - tests: whatever is left, at least 80 s; the counts say how many of the collected tests ran.
 PLAN = [("anchors", 15, 0), ("head", 250, 60), ("kernels", 105, 35), ("scan", 70, 30), ("tests", 100, 20)]
@@ -297,8 +298,10 @@ def _cells(rows, case, copy, wanted) -> list[str]:
 
 def _kernel_lines(out: Path, _results) -> list[str]:
     rows, copy, cases = _timed_rows(out, "kernels")
+    tiles = sorted({r["provider"] for r in rows if r["provider"].startswith("pema-sorted-")})  # the other tiles
     wanted = [("lookup", "pema"), ("lookup", "pema-nocheck"), ("lookup", "F.embedding-remapped"), ("backward", "pema"),
-              ("backward", "pema-sorted"), ("backward", "pema-atomic"), ("backward", "nn.Embedding-full-V")]
+              ("backward", "pema-sorted"), *[("backward", p) for p in tiles], ("backward", "pema-atomic"),
+              ("backward", "nn.Embedding-full-V")]
     lines = [f"% of the copy bandwidth measured in the same run ({copy:,.0f} GB/s), of each case's byte floor; "
              "speed-up: the full-V backward's time / pema's.", "",
              "| case | " + " | ".join(f"{op} {p}" for op, p in wanted) + " | backward speed-up |",

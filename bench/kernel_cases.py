@@ -2,7 +2,8 @@
 
 - lookup: `compact_embedding` (remap fused into the gather; `pema` checks the ids, `pema-nocheck` does not) vs
   `F.embedding` on pre-remapped ids over the same [U, D] matrix (the upstream approach: rewrite the dataset).
-- backward: the [U, D] gradient (`pema`: method "auto"; `pema-atomic`, `pema-sorted`: forced) vs what
+- backward: the [U, D] gradient (`pema`: method "auto"; `pema-atomic`, `pema-sorted`: forced;
+  `pema-sorted-<tile>`: the sorted kernel with another tile, the candidates a GPU run picks the default from) vs what
   `nn.Embedding`'s autograd runs, `aten.embedding_dense_backward`, which builds the full [V, D] gradient.
 
 Byte floor (what must cross HBM at least, the same for every provider of a case, so GB/s ranks as time does):
@@ -28,7 +29,9 @@ import pema_triton
 from pema_triton.ops import build_remap
 
 LOOKUP_PROVIDERS = ["pema", "pema-nocheck", "F.embedding-remapped"]
-BACKWARD_PROVIDERS = ["pema", "pema-atomic", "pema-sorted", "nn.Embedding-full-V"]
+# The sorted kernel's other tiles (kernels.lookup_backward.SORTED_TILES; "32x128" is `pema-sorted`'s).
+SORTED_TILE_PROVIDERS = ["pema-sorted-16x128"]
+BACKWARD_PROVIDERS = ["pema", "pema-atomic", "pema-sorted", *SORTED_TILE_PROVIDERS, "nn.Embedding-full-V"]
 BASELINES = {"lookup": "F.embedding-remapped", "backward": "nn.Embedding-full-V"}
 HAS_METHOD = "method" in inspect.signature(pema_triton.compact_embedding_backward).parameters
 
@@ -140,6 +143,8 @@ def backward_provider(provider: str, ids, used, V, D, dtype):
         **{p: lambda: pema_triton.compact_embedding_backward(grad, ids, remap, U, **method)
            for p in ("pema", "pema-atomic", "pema-sorted")},
     }
+    if provider in SORTED_TILE_PROVIDERS:
+        fns[provider] = _sorted_tile(provider.removeprefix("pema-sorted-"), grad, ids, remap, U)
     expected = torch.zeros(U, D, device=DEVICE, dtype=torch.float32).index_add_(0, remap[ids].long(), grad.float())
     atol = 1e-2 if dtype == torch.bfloat16 else 1e-3
 
@@ -149,3 +154,16 @@ def backward_provider(provider: str, ids, used, V, D, dtype):
         torch.testing.assert_close(got.float(), expected, atol=atol, rtol=1e-2)
 
     return fns[provider], check
+
+
+def _sorted_tile(tile: str, grad, ids, remap, U):
+    """The sorted kernel with the tile `tile`: the Triton launcher itself (the op picks no tile)."""
+    try:
+        from pema_triton.ops.kernels import lookup_backward
+    except ImportError as missing:
+        raise Unavailable(f"Triton is not installed: {missing}") from None
+    if pema_triton.resolve_backend("auto", grad.device) != "triton":
+        raise Unavailable("a Triton kernel only: needs a GPU (or TRITON_INTERPRET=1)")
+    if "tile" not in inspect.signature(lookup_backward).parameters:
+        raise Unavailable("this build's sorted backward has no tile= yet")
+    return lambda: lookup_backward(grad, ids, remap, U, method="sorted", tile=tile)

@@ -1,5 +1,7 @@
 """Compact lookup and its backward scatter: Triton against the PyTorch reference on shapes that hurt."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,34 @@ def test_sorted_backward_splits_rows_across_chunks(name, V, U, D, N, hot, paddin
     torch.testing.assert_close(tri, ref, **scatter_tolerance(grad_out, ids, dtype))
     if padding_row >= 0:
         assert torch.all(tri[padding_row] == 0)
+
+
+def test_the_sorted_backwards_candidate_tile_equals_the_reference(monkeypatch):
+    # The tile a GPU run times beside the shipped one (kernels.lookup_backward.SORTED_TILES, bench's
+    # pema-sorted-16x128): chunks of 64 sorted tokens in 4 tiles of 16, a hot row crossing several of them, and
+    # D = 136 in two column blocks of 128 (the second ragged), bf16.
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton cannot run here")
+    kernels = importlib.import_module("pema_triton.ops.kernels.lookup_backward")
+    launched, sorted_blocks = [], kernels.sorted_blocks
+    monkeypatch.setattr(kernels, "sorted_blocks", lambda *args: launched.append(sorted_blocks(*args)) or launched[-1])
+    used, remap, _ = make_case(400, 50, (1,), "random", torch.int64, DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    picks = torch.randint(0, 50, (260,), generator=gen)
+    picks[torch.rand(260, generator=gen) < 0.6] = 50 // 3
+    ids = used.cpu()[picks].to(DEVICE)
+    grad_out = torch.randn(260, 136, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+
+    tri = kernels.lookup_backward(grad_out, ids, remap, 50, 7, method="sorted", tile="16x128")
+
+    assert [(b["TILES"], b["BLOCK_T"], b["BLOCK_D"]) for b in launched] == [(4, 16, 128)]
+    torch.testing.assert_close(tri, reference.lookup_backward(grad_out, ids, remap, 50, 7),
+                               **scatter_tolerance(grad_out, ids, torch.bfloat16))
+    assert torch.all(tri[7] == 0)
+    with pytest.raises(ValueError, match="tile must be one of"):
+        kernels.lookup_backward(grad_out, ids, remap, 50, method="sorted", tile="8x8")
+    with pytest.raises(ValueError, match="sorted method"):
+        kernels.lookup_backward(grad_out, ids, remap, 50, method="atomic", tile="16x128")
 
 
 @pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)

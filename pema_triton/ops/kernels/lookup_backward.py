@@ -166,18 +166,29 @@ def _scatter_sorted_fixup_kernel(
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
+# Tiles of the sorted backward (BLOCK_T x BLOCK_D), by name. "32x128" ships (158 registers in bf16 on Triton 3.9:
+# 3 programs of 4 warps per SM); "16x128" is the candidate of the sm_90 build with more programs in flight (116: 4),
+# which the benchmark's `pema-sorted-16x128` times beside it so that one GPU run picks the default (bench/NOTES.md
+# section 7; 32 x 64 takes 139 registers, still 3 programs per SM).
+SORTED_TILES = {"32x128": (32, 128), "16x128": (16, 128)}
 
-def sorted_blocks(num_ids: int, dim: int) -> dict[str, int]:
+
+def sorted_blocks(num_ids: int, dim: int, tile: str | None = None) -> dict[str, int]:
     """Tile sizes of the sorted backward: BLOCK_T tokens x BLOCK_D columns per tile, TILES tiles per chunk.
 
     A 32 x 128 fp32 tile keeps the scan's keys and values at 64 registers a thread (4 warps). Chunks of 256
     tokens at large N make the partials' extra traffic 2 rows per 256 tokens read (under 1%); at small N,
-    chunks of 64 keep enough programs to fill the device. Under the interpreter, small tiles still exercise
-    chunk crossings on test-sized inputs.
+    chunks of 64 keep enough programs to fill the device. `tile` (a SORTED_TILES name) keeps those chunk
+    lengths with other tiles. Under the interpreter the default is small tiles that still exercise chunk
+    crossings on test-sized inputs.
     """
-    if INTERPRET:
+    if tile is None and INTERPRET:
         return {"TILES": 2, "BLOCK_T": 64, "BLOCK_D": triton.next_power_of_2(dim), "BLOCK_K": 4}
-    return {"TILES": 8 if num_ids >= 2**18 else 2, "BLOCK_T": 32, "BLOCK_D": min(triton.next_power_of_2(dim), 128),
+    if tile is not None and tile not in SORTED_TILES:
+        raise ValueError(f"tile must be one of {sorted(SORTED_TILES)}, got {tile!r}")
+    block_t, block_d = SORTED_TILES[tile or "32x128"]
+    chunk = 256 if num_ids >= 2**18 else 64
+    return {"TILES": chunk // block_t, "BLOCK_T": block_t, "BLOCK_D": min(triton.next_power_of_2(dim), block_d),
             "BLOCK_K": 16}
 
 
@@ -189,6 +200,7 @@ def lookup_backward(
     num_rows: int,
     padding_row: int = -1,
     method: str = "atomic",
+    tile: str | None = None,
 ) -> torch.Tensor:
     """Triton backward of the compact lookup. Same contract as :func:`pema_triton.ops.reference.lookup_backward`.
 
@@ -197,6 +209,7 @@ def lookup_backward(
         ids: [*] original token ids; remap: [V] int32 compact row of each id, -1 for unused.
         num_rows: U; padding_row: a compact row that gets no gradient, or -1.
         method: "atomic" or "sorted" (module docstring); "sorted" is bit-identical run to run.
+        tile: the sorted method's tile, a SORTED_TILES name (default: sorted_blocks'); the benchmark's variants.
 
     Returns:
         grad_weight: [U, D] in grad_out's dtype, accumulated in float32 (float64 for float64).
@@ -204,13 +217,15 @@ def lookup_backward(
     check_scatter_inputs(grad_out, ids, remap, num_rows)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if tile is not None and method != "sorted":
+        raise ValueError(f"tile= is the sorted method's, not {method!r}'s")
     dim = grad_out.shape[-1]
     flat_ids = ids.reshape(-1).contiguous()
     grad_2d = grad_out.reshape(-1, dim).contiguous()
     remap = remap.contiguous()
     acc_dtype = accumulation_dtype(grad_out.dtype)
     if method == "sorted":
-        return _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype)
+        return _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype, tile)
     return _scatter_atomic(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype)
 
 
@@ -226,8 +241,9 @@ def _scatter_atomic(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) 
     return acc.to(grad_2d.dtype)
 
 
-def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) -> torch.Tensor:
+def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype, tile) -> torch.Tensor:
     num_ids, dim = grad_2d.shape
+    blocks = sorted_blocks(num_ids, dim, tile)
     grad_weight = torch.zeros(num_rows, dim, dtype=grad_2d.dtype, device=grad_2d.device)
     if not (num_ids and dim):
         return grad_weight
@@ -236,7 +252,6 @@ def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype) 
     if padding_row >= 0:
         rows = torch.where(rows == padding_row, -1, rows)
     sorted_rows, order = torch.sort(rows.to(torch.int32), stable=True)
-    blocks = sorted_blocks(num_ids, dim)
     num_chunks = triton.cdiv(num_ids, blocks["TILES"] * blocks["BLOCK_T"])
     head_rows = torch.empty(num_chunks, dtype=torch.int32, device=grad_2d.device)
     tail_rows = torch.empty(num_chunks, dtype=torch.int32, device=grad_2d.device)
