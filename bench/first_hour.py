@@ -51,9 +51,9 @@ TOTAL_S = 540
 # - head: 16 cases, each a process (5 s of imports, first-call compiles of 5-15 s, then 6 steps of 0.05-0.5 s:
 #   8k is 3e13 FLOP a step, 32k 1.2e14): 8-15 s a case, about 215 s. A running case is stopped at the deadline only
 #   (a slow first compile takes the later cases' time; they become skipped rows).
-# - kernels: 8 cases (4 of them "unavailable" without bench/.ids) of 8 providers (the sorted backward's other tile
-#   among them), ~125 ms of do_bench each plus the checks, the 1M-id gradients (8.6 GB bf16) and each tile's first
-#   compile: 3-9 s a case.
+# - kernels: 8 cases (4 of them "unavailable" without bench/.ids) of 9 providers (the sorted backward's 2 candidate
+#   tiles among them, bf16 only for the MMA), ~125 ms of do_bench each plus the checks, the 1M-id gradients (8.6 GB
+#   bf16) and each tile's first compile: 3-10 s a case.
 # - scan: 4 cases of 10^8 ids (0.4-0.8 GB), 5 timed providers: 3-6 s a case.
 # - tests: whatever is left, at least 80 s; the counts say how many of the collected tests ran.
 PLAN = [("anchors", 15, 0), ("head", 250, 60), ("kernels", 105, 35), ("scan", 70, 30), ("tests", 100, 20)]

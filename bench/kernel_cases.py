@@ -29,8 +29,8 @@ import pema_triton
 from pema_triton.ops import build_remap
 
 LOOKUP_PROVIDERS = ["pema", "pema-nocheck", "F.embedding-remapped"]
-# The sorted kernel's other tiles (kernels.lookup_backward.SORTED_TILES; "32x128" is `pema-sorted`'s).
-SORTED_TILE_PROVIDERS = ["pema-sorted-16x128"]
+# The sorted kernel's candidate tiles (kernels.lookup_backward.SORTED_TILES; "32x128" is `pema-sorted`'s).
+SORTED_TILE_PROVIDERS = ["pema-sorted-16x128", "pema-sorted-mma32x128"]
 BACKWARD_PROVIDERS = ["pema", "pema-atomic", "pema-sorted", *SORTED_TILE_PROVIDERS, "nn.Embedding-full-V"]
 BASELINES = {"lookup": "F.embedding-remapped", "backward": "nn.Embedding-full-V"}
 HAS_METHOD = "method" in inspect.signature(pema_triton.compact_embedding_backward).parameters
@@ -166,4 +166,6 @@ def _sorted_tile(tile: str, grad, ids, remap, U):
         raise Unavailable("a Triton kernel only: needs a GPU (or TRITON_INTERPRET=1)")
     if "tile" not in inspect.signature(lookup_backward).parameters:
         raise Unavailable("this build's sorted backward has no tile= yet")
+    if tile.startswith("mma") and grad.dtype not in (torch.bfloat16, torch.float16):
+        raise Unavailable(f"the tensor-core segment sum is for bf16/fp16 gradients, not {grad.dtype}")
     return lambda: lookup_backward(grad, ids, remap, U, method="sorted", tile=tile)

@@ -31,8 +31,9 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90_without_spilling(compiled):
-    # 6 per training dtype (bf16, fp32) + the sorted backward's other tile (bf16) + the scan (int32, int64 ids) + packed
-    assert len(compiled) == 16
+    # 6 per training dtype (bf16, fp32) + the sorted backward's 2 candidate tiles (bf16) + the scan (int32, int64
+    # ids) + packed
+    assert len(compiled) == 17
     for name, row in compiled.items():
         assert "error" not in row, f"{name}: {row.get('error')}"
         assert row["local_bytes"] == 0, f"{name} spills {row['local_bytes']} bytes to local memory"
@@ -44,7 +45,8 @@ def test_atomics_are_relaxed_and_the_sorted_backward_uses_none(compiled):
         gpu_fences = [op for op in row["memory_ops"] if op.startswith("MEMBAR") and "CTA" not in op]
         assert not gpu_fences, f"{name} fences its atomics: {row['memory_ops']}"
     assert any(op.startswith("REDG.E.ADD.F32") for op in compiled["scatter-atomic-bf16"]["memory_ops"])
-    assert compiled["scatter-sorted-16x128-bf16"]["memory_ops"] == []
+    for tile in ("16x128", "mma32x128"):
+        assert compiled[f"scatter-sorted-{tile}-bf16"]["memory_ops"] == []
     for dtype in ("bf16", "fp32"):  # written once per row / element, no read-modify-write
         assert compiled[f"scatter-sorted-{dtype}"]["memory_ops"] == []
         assert compiled[f"cross-entropy-rows-{dtype}"]["memory_ops"] == []
@@ -61,10 +63,13 @@ def test_what_a_launch_builds_uses_the_hardware_and_64_bit_offsets(compiled):
         assert compiled[f"cross-entropy-rows-{dtype}"]["registers"] <= 64
         # Two more per-lane arrays (entropy, top-1) at half the block: 64 / 72 measured, 7 programs per SM.
         assert compiled[f"log-prob-rows-{dtype}"]["registers"] <= 80
-    # The sorted backward's candidate tile, which a GPU run times beside the shipped one (bench/NOTES.md section 7),
-    # must load with vectors and fit more programs per SM (65,536 registers) than it: 116 vs 158 measured, 4 vs 3.
+    # The sorted backward's candidates, which a GPU run times beside the shipped tile (bench/NOTES.md section 7),
+    # must each have what it is a candidate for. 16 x 128: vector loads and more programs per SM (65,536 registers)
+    # than 32 x 128 (116 vs 158 registers measured: 4 vs 3). The MMA: its gathers pipelined through shared memory
+    # (cp.async) and the segment sum on tensor cores (mma.sync: M = 32 is below wgmma's 64).
     programs = {k: 65536 // (128 * compiled[f"scatter-sorted-{k}bf16"]["registers"]) for k in ("", "16x128-")}
     assert compiled["scatter-sorted-16x128-bf16"]["vector_loads"]
     assert programs["16x128-"] > programs[""], programs
+    assert compiled["scatter-sorted-mma32x128-bf16"]["cp_async"] and compiled["scatter-sorted-mma32x128-bf16"]["mma"]
     for name, row in compiled.items():  # V * D passes 2^31 at V = 152k, D = 14,336: offsets must be 64-bit
         assert row["i32_index_products"] == [], f"{name}: {row['i32_index_products']}"

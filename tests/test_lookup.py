@@ -94,15 +94,16 @@ def test_sorted_backward_splits_rows_across_chunks(name, V, U, D, N, hot, paddin
         assert torch.all(tri[padding_row] == 0)
 
 
-def test_the_sorted_backwards_candidate_tile_equals_the_reference(monkeypatch):
-    # The tile a GPU run times beside the shipped one (kernels.lookup_backward.SORTED_TILES, bench's
-    # pema-sorted-16x128): chunks of 64 sorted tokens in 4 tiles of 16, a hot row crossing several of them, and
-    # D = 136 in two column blocks of 128 (the second ragged), bf16.
+@pytest.mark.parametrize("tile, launched", [("16x128", (4, 16, 128, False)), ("mma32x128", (2, 32, 128, True))])
+def test_the_sorted_backwards_candidate_tiles_equal_the_reference(monkeypatch, tile, launched):
+    # The tiles a GPU run times beside the shipped one (kernels.lookup_backward.SORTED_TILES, bench's
+    # pema-sorted-<tile>): chunks of 64 sorted tokens, a hot row crossing several of them, and D = 136 in two
+    # column blocks of 128 (the second ragged), bf16.
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
     kernels = importlib.import_module("pema_triton.ops.kernels.lookup_backward")
-    launched, sorted_blocks = [], kernels.sorted_blocks
-    monkeypatch.setattr(kernels, "sorted_blocks", lambda *args: launched.append(sorted_blocks(*args)) or launched[-1])
+    blocks, sorted_blocks = [], kernels.sorted_blocks
+    monkeypatch.setattr(kernels, "sorted_blocks", lambda *args: blocks.append(sorted_blocks(*args)) or blocks[-1])
     used, remap, _ = make_case(400, 50, (1,), "random", torch.int64, DEVICE)
     gen = torch.Generator().manual_seed(2)
     picks = torch.randint(0, 50, (260,), generator=gen)
@@ -110,16 +111,19 @@ def test_the_sorted_backwards_candidate_tile_equals_the_reference(monkeypatch):
     ids = used.cpu()[picks].to(DEVICE)
     grad_out = torch.randn(260, 136, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
 
-    tri = kernels.lookup_backward(grad_out, ids, remap, 50, 7, method="sorted", tile="16x128")
+    tri = kernels.lookup_backward(grad_out, ids, remap, 50, 7, method="sorted", tile=tile)
 
-    assert [(b["TILES"], b["BLOCK_T"], b["BLOCK_D"]) for b in launched] == [(4, 16, 128)]
+    assert [(b["TILES"], b["BLOCK_T"], b["BLOCK_D"], b["MMA"]) for b in blocks] == [launched]
     torch.testing.assert_close(tri, reference.lookup_backward(grad_out, ids, remap, 50, 7),
                                **scatter_tolerance(grad_out, ids, torch.bfloat16))
     assert torch.all(tri[7] == 0)
     with pytest.raises(ValueError, match="tile must be one of"):
         kernels.lookup_backward(grad_out, ids, remap, 50, method="sorted", tile="8x8")
     with pytest.raises(ValueError, match="sorted method"):
-        kernels.lookup_backward(grad_out, ids, remap, 50, method="atomic", tile="16x128")
+        kernels.lookup_backward(grad_out, ids, remap, 50, method="atomic", tile=tile)
+    if launched[3]:  # an fp32 dot would round the gradients to TF32
+        with pytest.raises(ValueError, match="bf16/fp16 gradients only"):
+            kernels.lookup_backward(grad_out.float(), ids, remap, 50, method="sorted", tile=tile)
 
 
 @pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)

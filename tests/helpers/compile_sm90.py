@@ -55,7 +55,7 @@ def _kernels():
                        "sorted_rows_ptr": "*i32", "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32",
                        "partial_ptr": "*fp32", "grad_weight_ptr": p, "N": "i32", "D": "i32"},
                        {"TILES": other["TILES"], "BLOCK_T": other["BLOCK_T"], "BLOCK_D": other["BLOCK_D"],
-                        "ACC_DTYPE": tl.float32})
+                        "ACC_DTYPE": tl.float32, "MMA": other["MMA"]})
         yield (f"scatter-sorted-fixup-{dt}", lookup_backward._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
                "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "C": "i32", "D": "i32"},
                {"BLOCK_K": blocks["BLOCK_K"], "BLOCK_D": blocks["BLOCK_D"]})
@@ -105,7 +105,7 @@ def _compile(fn, types: dict, constexprs: dict) -> dict:
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
             "memory_ops": sorted(set(re.findall(r"\b((?:REDG|ATOMG|RED|ATOM|MEMBAR)\.[\w.]+|MEMBAR)", sass))),
-            "cp_async": "cp.async" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+            "cp_async": "cp.async" in ptx, "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx,
             "vector_loads": bool(re.search(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
             # Products on index tensors in 32 bits: a row * D offset that wraps once the matrix passes 2^31 elements.
             "i32_index_products": re.findall(r"arith\.muli [^\n]*: tensor<[^>]*xi32", ttgir)}

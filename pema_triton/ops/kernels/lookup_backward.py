@@ -91,6 +91,8 @@ def _scatter_sorted_kernel(
     BLOCK_T: tl.constexpr,  # sorted tokens per tile
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    MMA: tl.constexpr = False,  # the segment sum as a 0/1-mask product on tensor cores (bf16/fp16 gradients only)
+    DOT_FP32: tl.constexpr = False,  # that product in fp32: the interpreter's (its bf16 dot returns garbage)
 ):
     i_c, i_d = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -111,11 +113,20 @@ def _scatter_sorted_kernel(
         b_next = tl.load(sorted_rows_ptr + o_t + 1, mask=o_t + 1 < chunk_end, other=-2)
         b_tok = tl.load(order_ptr + o_t, mask=m_t, other=0)
         m_g = (m_t & (b_row >= 0))[:, None] & m_d[None, :]
-        b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_g, other=0.0).to(ACC_DTYPE)
-
-        b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
-        _, b_sum = tl.associative_scan((b_key, b_g), 0, _segmented_add)
-        b_sum += tl.where(b_key == carry_row, b_carry[None, :], 0.0)
+        b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_g, other=0.0)
+        if MMA:
+            # Row i of the product sums the tile's rows of i's segment: at a segment's last row (the only one
+            # stored or carried) that is the scan's sum. Products by 0 or 1 are exact, the sums fp32 in the tensor
+            # core's fixed order (bit-identical run to run).
+            b_seg = b_row[:, None] == b_row[None, :]
+            if DOT_FP32:
+                b_sum = tl.dot(b_seg.to(tl.float32), b_g.to(tl.float32), input_precision="ieee")
+            else:
+                b_sum = tl.dot(b_seg.to(b_g.dtype), b_g, out_dtype=tl.float32)
+        else:
+            b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
+            _, b_sum = tl.associative_scan((b_key, b_g.to(ACC_DTYPE)), 0, _segmented_add)
+        b_sum += tl.where((b_row == carry_row)[:, None], b_carry[None, :], 0.0)
 
         # A segment ends where the next sorted row differs (or the chunk ends); its running sum is then complete
         # for this chunk. Heads and tails go to the partials; every other row is finished and written once.
@@ -166,11 +177,13 @@ def _scatter_sorted_fixup_kernel(
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
-# Tiles of the sorted backward (BLOCK_T x BLOCK_D), by name. "32x128" ships (158 registers in bf16 on Triton 3.9:
-# 3 programs of 4 warps per SM); "16x128" is the candidate of the sm_90 build with more programs in flight (116: 4),
-# which the benchmark's `pema-sorted-16x128` times beside it so that one GPU run picks the default (bench/NOTES.md
-# section 7; 32 x 64 takes 139 registers, still 3 programs per SM).
-SORTED_TILES = {"32x128": (32, 128), "16x128": (16, 128)}
+# Tiles of the sorted backward (BLOCK_T, BLOCK_D, segment sum by MMA), by name. "32x128" ships (bf16 on sm_90: 216
+# registers on Triton 3.6, 158 on 3.9: 2 or 3 programs of 4 warps per SM). The candidates, which the benchmark's
+# `pema-sorted-<name>` times beside it so that one GPU run picks the default (bench/NOTES.md section 7): "16x128",
+# the scan with more programs in flight (128 / 116 registers: 4 per SM), and "mma32x128", the segment sum as a
+# [32, 32] 0/1 mask times the tile on tensor cores (bf16/fp16 only: an fp32 dot would round to TF32), whose gathers
+# the compiler pipelines (cp.async; 187 / 182 registers). 32 x 64 (139 on 3.9, 3 per SM) is not a candidate.
+SORTED_TILES = {"32x128": (32, 128, False), "16x128": (16, 128, False), "mma32x128": (32, 128, True)}
 
 
 def sorted_blocks(num_ids: int, dim: int, tile: str | None = None) -> dict[str, int]:
@@ -186,10 +199,10 @@ def sorted_blocks(num_ids: int, dim: int, tile: str | None = None) -> dict[str, 
         return {"TILES": 2, "BLOCK_T": 64, "BLOCK_D": triton.next_power_of_2(dim), "BLOCK_K": 4}
     if tile is not None and tile not in SORTED_TILES:
         raise ValueError(f"tile must be one of {sorted(SORTED_TILES)}, got {tile!r}")
-    block_t, block_d = SORTED_TILES[tile or "32x128"]
+    block_t, block_d, mma = SORTED_TILES[tile or "32x128"]
     chunk = 256 if num_ids >= 2**18 else 64
-    return {"TILES": chunk // block_t, "BLOCK_T": block_t, "BLOCK_D": min(triton.next_power_of_2(dim), block_d),
-            "BLOCK_K": 16}
+    block_d = max(min(triton.next_power_of_2(dim), block_d), 16 if mma else 1)  # a dot's operands: >= 16 wide
+    return {"TILES": chunk // block_t, "BLOCK_T": block_t, "BLOCK_D": block_d, "BLOCK_K": 16, "MMA": mma}
 
 
 @on_tensors_device
@@ -219,6 +232,9 @@ def lookup_backward(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if tile is not None and method != "sorted":
         raise ValueError(f"tile= is the sorted method's, not {method!r}'s")
+    if SORTED_TILES.get(tile, (0, 0, False))[2] and grad_out.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"tile {tile!r} sums on tensor cores: bf16/fp16 gradients only (an fp32 dot rounds to "
+                         f"TF32), got {grad_out.dtype}")
     dim = grad_out.shape[-1]
     flat_ids = ids.reshape(-1).contiguous()
     grad_2d = grad_out.reshape(-1, dim).contiguous()
@@ -260,6 +276,7 @@ def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype, 
     launchable(_scatter_sorted_kernel)[grid](
         grad_2d, sorted_rows, order, head_rows, tail_rows, partials, grad_weight, num_ids, dim,
         TILES=blocks["TILES"], BLOCK_T=blocks["BLOCK_T"], BLOCK_D=blocks["BLOCK_D"], ACC_DTYPE=_TL_ACC[acc_dtype],
+        MMA=blocks.get("MMA", False), DOT_FP32=INTERPRET,
     )
     launchable(_scatter_sorted_fixup_kernel)[grid](
         head_rows, tail_rows, partials, grad_weight, num_chunks, dim, BLOCK_K=blocks["BLOCK_K"],
