@@ -186,7 +186,7 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 SORTED_TILES = {"32x128": (32, 128, False), "16x128": (16, 128, False), "mma32x128": (32, 128, True)}
 
 
-def sorted_blocks(num_ids: int, dim: int, tile: str | None = None) -> dict[str, int]:
+def sorted_blocks(num_ids: int, dim: int, tile: str | None = None) -> dict[str, int | bool]:
     """Tile sizes of the sorted backward: BLOCK_T tokens x BLOCK_D columns per tile, TILES tiles per chunk.
 
     A 32 x 128 fp32 tile keeps the scan's keys and values at 64 registers a thread (4 warps). Chunks of 256
@@ -196,7 +196,7 @@ def sorted_blocks(num_ids: int, dim: int, tile: str | None = None) -> dict[str, 
     crossings on test-sized inputs.
     """
     if tile is None and INTERPRET:
-        return {"TILES": 2, "BLOCK_T": 64, "BLOCK_D": triton.next_power_of_2(dim), "BLOCK_K": 4}
+        return {"TILES": 2, "BLOCK_T": 64, "BLOCK_D": triton.next_power_of_2(dim), "BLOCK_K": 4, "MMA": False}
     if tile is not None and tile not in SORTED_TILES:
         raise ValueError(f"tile must be one of {sorted(SORTED_TILES)}, got {tile!r}")
     block_t, block_d, mma = SORTED_TILES[tile or "32x128"]
@@ -276,7 +276,7 @@ def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype, 
     launchable(_scatter_sorted_kernel)[grid](
         grad_2d, sorted_rows, order, head_rows, tail_rows, partials, grad_weight, num_ids, dim,
         TILES=blocks["TILES"], BLOCK_T=blocks["BLOCK_T"], BLOCK_D=blocks["BLOCK_D"], ACC_DTYPE=_TL_ACC[acc_dtype],
-        MMA=blocks.get("MMA", False), DOT_FP32=INTERPRET,
+        MMA=blocks["MMA"], DOT_FP32=INTERPRET,
     )
     launchable(_scatter_sorted_fixup_kernel)[grid](
         head_rows, tail_rows, partials, grad_weight, num_chunks, dim, BLOCK_K=blocks["BLOCK_K"],
