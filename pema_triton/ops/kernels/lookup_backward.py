@@ -63,6 +63,25 @@ def _segmented_add(k_left, v_left, k_right, v_right):
 
 
 @triton.jit
+def _segment_sums(b_row, b_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  MMA: tl.constexpr, DOT_FP32: tl.constexpr):
+    """[BLOCK_T, BLOCK_D] sums of a tile's gradient rows `b_g` by segment of equal sorted rows `b_row` [BLOCK_T]:
+    at a segment's last row, the sum of the segment's rows in the tile (other rows hold partial sums)."""
+    if MMA:
+        # Row i of the product sums the tile's rows of i's segment. Products by 0 or 1 are exact, the sums fp32 in
+        # the tensor core's fixed order (bit-identical run to run).
+        b_seg = b_row[:, None] == b_row[None, :]
+        if DOT_FP32:
+            b_sum = tl.dot(b_seg.to(tl.float32), b_g.to(tl.float32), input_precision="ieee")
+        else:
+            b_sum = tl.dot(b_seg.to(b_g.dtype), b_g, out_dtype=tl.float32)
+    else:
+        b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
+        _, b_sum = tl.associative_scan((b_key, b_g.to(ACC_DTYPE)), 0, _segmented_add)
+    return b_sum
+
+
+@triton.jit
 def _chunk_open_rows(sorted_rows_ptr, chunk_start, chunk_end, N):
     """(head, tail) rows of a chunk: the row continuing into it from the previous chunk, and the row starting in
     it and continuing past its end; -1 where there is none. A chunk that is one row from end to end has a head
@@ -114,18 +133,7 @@ def _scatter_sorted_kernel(
         b_tok = tl.load(order_ptr + o_t, mask=m_t, other=0)
         m_g = (m_t & (b_row >= 0))[:, None] & m_d[None, :]
         b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_g, other=0.0)
-        if MMA:
-            # Row i of the product sums the tile's rows of i's segment: at a segment's last row (the only one
-            # stored or carried) that is the scan's sum. Products by 0 or 1 are exact, the sums fp32 in the tensor
-            # core's fixed order (bit-identical run to run).
-            b_seg = b_row[:, None] == b_row[None, :]
-            if DOT_FP32:
-                b_sum = tl.dot(b_seg.to(tl.float32), b_g.to(tl.float32), input_precision="ieee")
-            else:
-                b_sum = tl.dot(b_seg.to(b_g.dtype), b_g, out_dtype=tl.float32)
-        else:
-            b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
-            _, b_sum = tl.associative_scan((b_key, b_g.to(ACC_DTYPE)), 0, _segmented_add)
+        b_sum = _segment_sums(b_row, b_g, BLOCK_T, BLOCK_D, ACC_DTYPE, MMA, DOT_FP32)
         b_sum += tl.where((b_row == carry_row)[:, None], b_carry[None, :], 0.0)
 
         # A segment ends where the next sorted row differs (or the chunk ends); its running sum is then complete
