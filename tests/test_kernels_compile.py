@@ -65,7 +65,8 @@ def test_what_a_launch_builds_uses_the_hardware_and_64_bit_offsets(compiled):
         assert compiled[f"log-prob-rows-{dtype}"]["registers"] <= 80
     # The sorted backward's candidates, which a GPU run times beside the shipped tile (bench/NOTES.md section 7),
     # must each have what it is a candidate for. 16 x 128: vector loads and more programs per SM (65,536 registers)
-    # than 32 x 128 (116 vs 158 registers measured: 4 vs 3). The MMA: its gathers pipelined through shared memory
+    # than 32 x 128 (Triton 3.9: 116 vs 158 registers, 4 vs 3; the GPU image's 3.6: 128 vs 216, 4 vs 2, as
+    # `make test-gpu-image` runs this file). The MMA: its gathers pipelined through shared memory
     # (cp.async) and the segment sum on tensor cores (mma.sync: M = 32 is below wgmma's 64).
     programs = {k: 65536 // (128 * compiled[f"scatter-sorted-{k}bf16"]["registers"]) for k in ("", "16x128-")}
     assert compiled["scatter-sorted-16x128-bf16"]["vector_loads"]

@@ -94,28 +94,35 @@ def test_sorted_backward_splits_rows_across_chunks(name, V, U, D, N, hot, paddin
         assert torch.all(tri[padding_row] == 0)
 
 
-@pytest.mark.parametrize("tile, launched", [("16x128", (4, 16, 128, False)), ("mma32x128", (2, 32, 128, True))])
-def test_the_sorted_backwards_candidate_tiles_equal_the_reference(monkeypatch, tile, launched):
-    # The tiles a GPU run times beside the shipped one (kernels.lookup_backward.SORTED_TILES, bench's
-    # pema-sorted-<tile>): chunks of 64 sorted tokens, a hot row crossing several of them, and D = 136 in two
-    # column blocks of 128 (the second ragged), bf16.
+def _candidate_case(dtype):
+    """A hot row crossing several 64-token chunks, ids with no row, D = 136 in two column blocks of 128 (the second
+    ragged): (grad_out [260, 136], ids, remap) for U = 50."""
+    used, remap, _ = make_case(400, 50, (1,), "random", torch.int64, DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    picks = torch.randint(0, 50, (260,), generator=gen)
+    picks[torch.rand(260, generator=gen) < 0.6] = 50 // 3
+    return torch.randn(260, 136, generator=gen).to(device=DEVICE, dtype=dtype), used.cpu()[picks].to(DEVICE), remap
+
+
+# The tiles a GPU run times beside the shipped one (kernels.lookup_backward.SORTED_TILES, bench's
+# pema-sorted-<tile>). fp16 runs the MMA's half-precision dot itself under the interpreter (bf16 there runs it in fp32:
+# the interpreter's bf16 dot is garbage).
+@pytest.mark.parametrize("tile, dtype, launched", [("16x128", torch.bfloat16, (4, 16, 128, False)),
+                                                   ("mma32x128", torch.bfloat16, (2, 32, 128, True)),
+                                                   ("mma32x128", torch.float16, (2, 32, 128, True))])
+def test_the_sorted_backwards_candidate_tiles_equal_the_reference(monkeypatch, tile, dtype, launched):
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
     kernels = importlib.import_module("pema_triton.ops.kernels.lookup_backward")
     blocks, sorted_blocks = [], kernels.sorted_blocks
     monkeypatch.setattr(kernels, "sorted_blocks", lambda *args: blocks.append(sorted_blocks(*args)) or blocks[-1])
-    used, remap, _ = make_case(400, 50, (1,), "random", torch.int64, DEVICE)
-    gen = torch.Generator().manual_seed(2)
-    picks = torch.randint(0, 50, (260,), generator=gen)
-    picks[torch.rand(260, generator=gen) < 0.6] = 50 // 3
-    ids = used.cpu()[picks].to(DEVICE)
-    grad_out = torch.randn(260, 136, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
+    grad_out, ids, remap = _candidate_case(dtype)
 
     tri = kernels.lookup_backward(grad_out, ids, remap, 50, 7, method="sorted", tile=tile)
 
     assert [(b["TILES"], b["BLOCK_T"], b["BLOCK_D"], b["MMA"]) for b in blocks] == [launched]
     torch.testing.assert_close(tri, reference.lookup_backward(grad_out, ids, remap, 50, 7),
-                               **scatter_tolerance(grad_out, ids, torch.bfloat16))
+                               **scatter_tolerance(grad_out, ids, dtype))
     assert torch.all(tri[7] == 0)
     with pytest.raises(ValueError, match="tile must be one of"):
         kernels.lookup_backward(grad_out, ids, remap, 50, method="sorted", tile="8x8")
@@ -124,6 +131,23 @@ def test_the_sorted_backwards_candidate_tiles_equal_the_reference(monkeypatch, t
     if launched[3]:  # an fp32 dot would round the gradients to TF32
         with pytest.raises(ValueError, match="bf16/fp16 gradients only"):
             kernels.lookup_backward(grad_out.float(), ids, remap, 50, method="sorted", tile=tile)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's 0 x inf
+def test_the_mma_candidate_spreads_a_non_finite_gradient_to_its_tiles_other_rows():
+    # What keeps the MMA from being the default before this is settled (kernels.lookup_backward._segment_sums):
+    # 0 x inf is NaN in the mask product. Every element the reference makes non-finite is non-finite here too (a
+    # GradScaler still skips the step), but so are other rows of the inf's tile, which the reference keeps finite.
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton cannot run here")
+    from pema_triton.ops.kernels import lookup_backward
+
+    grad_out, ids, remap = _candidate_case(torch.float16)
+    grad_out[3, 0] = float("inf")
+    ref = reference.lookup_backward(grad_out, ids, remap, 50)
+    mma = lookup_backward(grad_out, ids, remap, 50, method="sorted", tile="mma32x128")
+    assert torch.all(~ref.isfinite() <= ~mma.isfinite())
+    assert int((~ref.isfinite()).sum()) == 1 and int((~mma.isfinite()).sum()) > 1
 
 
 @pytest.mark.parametrize("name, V, U, D, shape, how", CASES, ids=CASE_IDS)

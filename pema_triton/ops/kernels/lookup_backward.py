@@ -66,10 +66,13 @@ def _segmented_add(k_left, v_left, k_right, v_right):
 def _segment_sums(b_row, b_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   MMA: tl.constexpr, DOT_FP32: tl.constexpr):
     """[BLOCK_T, BLOCK_D] sums of a tile's gradient rows `b_g` by segment of equal sorted rows `b_row` [BLOCK_T]:
-    at a segment's last row, the sum of the segment's rows in the tile (other rows hold partial sums)."""
+    at a segment's last row (the only one stored or carried), the sum of the segment's rows in the tile; other
+    rows hold a partial sum (scan) or the same sum (MMA)."""
     if MMA:
-        # Row i of the product sums the tile's rows of i's segment. Products by 0 or 1 are exact, the sums fp32 in
-        # the tensor core's fixed order (bit-identical run to run).
+        # Row i of the product sums the tile's rows of i's segment. Products of finite values by 0 or 1 are exact,
+        # the sums fp32 in the tensor core's fixed order (bit-identical run to run, not IEEE round-to-nearest).
+        # But 0 x inf is NaN: a non-finite gradient makes every segment of its tile and column NaN, where the scan
+        # (and the reference) leave the other rows finite. A GradScaler skips the step either way.
         b_seg = b_row[:, None] == b_row[None, :]
         if DOT_FP32:
             b_sum = tl.dot(b_seg.to(tl.float32), b_g.to(tl.float32), input_precision="ieee")
@@ -111,7 +114,7 @@ def _scatter_sorted_kernel(
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     MMA: tl.constexpr = False,  # the segment sum as a 0/1-mask product on tensor cores (bf16/fp16 gradients only)
-    DOT_FP32: tl.constexpr = False,  # that product in fp32: the interpreter's (its bf16 dot returns garbage)
+    DOT_FP32: tl.constexpr = False,  # that product in fp32: the interpreter's for bf16 (its bf16 dot is garbage)
 ):
     i_c, i_d = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -190,7 +193,9 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # `pema-sorted-<name>` times beside it so that one GPU run picks the default (bench/NOTES.md section 7): "16x128",
 # the scan with more programs in flight (128 / 116 registers: 4 per SM), and "mma32x128", the segment sum as a
 # [32, 32] 0/1 mask times the tile on tensor cores (bf16/fp16 only: an fp32 dot would round to TF32), whose gathers
-# the compiler pipelines (cp.async; 187 / 182 registers). 32 x 64 (139 on 3.9, 3 per SM) is not a candidate.
+# the compiler pipelines (cp.async; 187 / 182 registers); it spreads a non-finite gradient to its tile's other rows
+# (see _segment_sums), which must be settled before it could be the default. 32 x 64 (139 on 3.9, 3 per SM) is not
+# a candidate.
 SORTED_TILES = {"32x128": (32, 128, False), "16x128": (16, 128, False), "mma32x128": (32, 128, True)}
 
 
@@ -284,7 +289,7 @@ def _scatter_sorted(grad_2d, flat_ids, remap, num_rows, padding_row, acc_dtype, 
     launchable(_scatter_sorted_kernel)[grid](
         grad_2d, sorted_rows, order, head_rows, tail_rows, partials, grad_weight, num_ids, dim,
         TILES=blocks["TILES"], BLOCK_T=blocks["BLOCK_T"], BLOCK_D=blocks["BLOCK_D"], ACC_DTYPE=_TL_ACC[acc_dtype],
-        MMA=blocks["MMA"], DOT_FP32=INTERPRET,
+        MMA=blocks["MMA"], DOT_FP32=INTERPRET and grad_2d.dtype == torch.bfloat16,
     )
     launchable(_scatter_sorted_fixup_kernel)[grid](
         head_rows, tail_rows, partials, grad_weight, num_chunks, dim, BLOCK_K=blocks["BLOCK_K"],
