@@ -95,8 +95,9 @@ def test_sorted_backward_splits_rows_across_chunks(name, V, U, D, N, hot, paddin
 
 
 def _candidate_case(dtype):
-    """A hot row crossing several 64-token chunks, ids with no row, D = 136 in two column blocks of 128 (the second
-    ragged): (grad_out [260, 136], ids, remap) for U = 50."""
+    """A hot row crossing several 64-token chunks and D = 136 in two column blocks of 128 (the second ragged):
+    (grad_out [260, 136], ids, remap) for U = 50. The tests pass padding row 7, which sorts first as -1 (as an id
+    with no row would)."""
     used, remap, _ = make_case(400, 50, (1,), "random", torch.int64, DEVICE)
     gen = torch.Generator().manual_seed(2)
     picks = torch.randint(0, 50, (260,), generator=gen)
