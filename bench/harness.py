@@ -167,6 +167,20 @@ class Unavailable(Exception):
     """A provider that does not exist in this build or on this machine (a row, not a failure)."""
 
 
+def triton_kernels(device: torch.device):
+    """`pema_triton.ops.kernels` where its Triton kernels can run on `device`, else Unavailable: for the providers
+    that launch a kernel the ops would not pick."""
+    import pema_triton
+
+    try:
+        from pema_triton.ops import kernels
+    except ImportError as missing:
+        raise Unavailable(f"Triton is not installed: {missing}") from None
+    if pema_triton.resolve_backend("auto", device) != "triton":
+        raise Unavailable("a Triton kernel only: needs a GPU (or TRITON_INTERPRET=1)")
+    return kernels
+
+
 def select(cases: list[tuple], patterns: list[str] | None, name) -> list[tuple]:
     """The cases whose `name(*case)` matches one of the regular expressions `patterns`, the first pattern's cases
     first (the budget drops the tail); every case, in grid order, when `patterns` is empty."""

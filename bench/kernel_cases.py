@@ -22,7 +22,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, select, skipped
+from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, select, skipped, triton_kernels
 from ids import MissingIds, ids_for
 
 import pema_triton
@@ -133,8 +133,8 @@ def backward_provider(provider: str, ids, used, V, D, dtype):
     """(fn, check): the provider's weight gradient, and its comparison with an fp32 index_add over the used rows."""
     if provider in ("pema-atomic", "pema-sorted") and not HAS_METHOD:
         raise Unavailable("this build's compact_embedding_backward has no method= yet")
-    tiled = _sorted_tile(provider.removeprefix("pema-sorted-"), ids, dtype) if provider in SORTED_TILE_PROVIDERS \
-        else None  # before the [N, D] gradient is made: 17 GB in fp32 at N = 1M
+    tile = provider.removeprefix("pema-sorted-") if provider in SORTED_TILE_PROVIDERS else None
+    launcher = _sorted_tile_launcher(tile, ids, dtype) if tile else None  # before the gradient: 17 GB fp32 at 1M
     remap = build_remap(used, V)
     U = len(used)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
@@ -145,8 +145,8 @@ def backward_provider(provider: str, ids, used, V, D, dtype):
         **{p: lambda: pema_triton.compact_embedding_backward(grad, ids, remap, U, **method)
            for p in ("pema", "pema-atomic", "pema-sorted")},
     }
-    if tiled is not None:
-        fns[provider] = lambda: tiled(grad, ids, remap, U, method="sorted", tile=provider.removeprefix("pema-sorted-"))
+    if tile:
+        fns[provider] = lambda: launcher(grad, ids, remap, U, method="sorted", tile=tile)
     expected = torch.zeros(U, D, device=DEVICE, dtype=torch.float32).index_add_(0, remap[ids].long(), grad.float())
     atol = 1e-2 if dtype == torch.bfloat16 else 1e-3
 
@@ -158,16 +158,11 @@ def backward_provider(provider: str, ids, used, V, D, dtype):
     return fns[provider], check
 
 
-def _sorted_tile(tile: str, ids, dtype):
+def _sorted_tile_launcher(tile: str, ids, dtype):
     """The Triton launcher that runs the sorted kernel with the tile `tile` (the op picks no tile), or Unavailable."""
-    try:
-        from pema_triton.ops.kernels import lookup_backward
-    except ImportError as missing:
-        raise Unavailable(f"Triton is not installed: {missing}") from None
-    if pema_triton.resolve_backend("auto", ids.device) != "triton":
-        raise Unavailable("a Triton kernel only: needs a GPU (or TRITON_INTERPRET=1)")
-    if "tile" not in inspect.signature(lookup_backward).parameters:
+    launcher = triton_kernels(ids.device).lookup_backward
+    if "tile" not in inspect.signature(launcher).parameters:
         raise Unavailable("this build's sorted backward has no tile= yet")
     if tile.startswith("mma") and dtype not in (torch.bfloat16, torch.float16):
         raise Unavailable(f"the tensor-core segment sum is for bf16/fp16 gradients, not {dtype}")
-    return lookup_backward
+    return launcher

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, select, skipped
+from harness import DEVICE, ON_GPU, Budget, Unavailable, dry_run, measure, select, skipped, triton_kernels
 from ids import MissingIds, ids_for
 
 import pema_triton
@@ -100,18 +100,13 @@ def scan_provider(provider: str, ids: torch.Tensor, V: int, expected: torch.Tens
 
 
 def _packed(ids, V):
-    try:
-        from pema_triton.ops.kernels import scan_ids_packed, used_ids_from_packed
-    except ImportError as missing:
-        raise Unavailable(f"Triton is not installed: {missing}") from None
-    if pema_triton.resolve_backend("auto", ids.device) != "triton":
-        raise Unavailable("a Triton kernel only: needs a GPU (or TRITON_INTERPRET=1)")
+    kernels = triton_kernels(ids.device)
     words = torch.zeros((V + 31) // 32, dtype=torch.int32, device=ids.device)
 
     def packed():
         words.zero_()
-        scan_ids_packed(ids, words, V)
-        return used_ids_from_packed(words, V)
+        kernels.scan_ids_packed(ids, words, V)
+        return kernels.used_ids_from_packed(words, V)
 
     return packed
 

@@ -42,23 +42,18 @@ def _kernels():
         yield (f"scatter-atomic-{dt}", lookup_backward._scatter_atomic_kernel, {"grad_out_ptr": p, "ids_ptr": "*i64",
                "remap_ptr": "*i32", "acc_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "padding_row": "i32"},
                {"BLOCK_N": 8, "BLOCK_D": 512})
-        blocks = lookup_backward.sorted_blocks(2**20, 4096)
-        yield (f"scatter-sorted-{dt}", lookup_backward._scatter_sorted_kernel, {"grad_out_ptr": p,
-               "sorted_rows_ptr": "*i32", "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32",
-               "partial_ptr": "*fp32", "grad_weight_ptr": p, "N": "i32", "D": "i32"},
-               {"TILES": blocks["TILES"], "BLOCK_T": blocks["BLOCK_T"], "BLOCK_D": blocks["BLOCK_D"],
-                "ACC_DTYPE": tl.float32})
-        if dt == "bf16":  # the other tiles the benchmark times (SORTED_TILES), for the default's dtype
-            for tile in sorted(set(lookup_backward.SORTED_TILES) - {"32x128"}):
-                other = lookup_backward.sorted_blocks(2**20, 4096, tile)
-                yield (f"scatter-sorted-{tile}-{dt}", lookup_backward._scatter_sorted_kernel, {"grad_out_ptr": p,
-                       "sorted_rows_ptr": "*i32", "order_ptr": "*i64", "head_row_ptr": "*i32", "tail_row_ptr": "*i32",
-                       "partial_ptr": "*fp32", "grad_weight_ptr": p, "N": "i32", "D": "i32"},
-                       {"TILES": other["TILES"], "BLOCK_T": other["BLOCK_T"], "BLOCK_D": other["BLOCK_D"],
-                        "ACC_DTYPE": tl.float32, "MMA": other["MMA"]})
+        default = lookup_backward.sorted_blocks(2**20, 4096)
+        sorted_types = {"grad_out_ptr": p, "sorted_rows_ptr": "*i32", "order_ptr": "*i64", "head_row_ptr": "*i32",
+                        "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "N": "i32", "D": "i32"}
+        # The default tile in each dtype; the candidates the benchmark times (SORTED_TILES) in the default's, bf16.
+        for tile in [None] + (sorted(set(lookup_backward.SORTED_TILES) - {"32x128"}) if dt == "bf16" else []):
+            blocks = lookup_backward.sorted_blocks(2**20, 4096, tile)
+            yield (f"scatter-sorted-{tile + '-' if tile else ''}{dt}", lookup_backward._scatter_sorted_kernel,
+                   sorted_types, {"TILES": blocks["TILES"], "BLOCK_T": blocks["BLOCK_T"], "BLOCK_D": blocks["BLOCK_D"],
+                                  "ACC_DTYPE": tl.float32, "MMA": blocks["MMA"]})
         yield (f"scatter-sorted-fixup-{dt}", lookup_backward._scatter_sorted_fixup_kernel, {"head_row_ptr": "*i32",
                "tail_row_ptr": "*i32", "partial_ptr": "*fp32", "grad_weight_ptr": p, "C": "i32", "D": "i32"},
-               {"BLOCK_K": blocks["BLOCK_K"], "BLOCK_D": blocks["BLOCK_D"]})
+               {"BLOCK_K": default["BLOCK_K"], "BLOCK_D": default["BLOCK_D"]})
         rows_types = {"logits_ptr": p, "targets_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
                       "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "argmax_ptr": "*i64", "inv_temperature_ptr": "*fp32"}
         yield (f"cross-entropy-rows-{dt}", cross_entropy_rows._cross_entropy_rows_kernel, rows_types,
