@@ -71,8 +71,7 @@ def _segment_sums(b_row, b_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC_
     if MMA:
         # Row i of the product sums the tile's rows of i's segment. Products of finite values by 0 or 1 are exact,
         # the sums fp32 in the tensor core's fixed order (bit-identical run to run, not IEEE round-to-nearest).
-        # But 0 x inf is NaN: a non-finite gradient makes every segment of its tile and column NaN, where the scan
-        # (and the reference) leave the other rows finite. A GradScaler skips the step either way.
+        # 0 x inf is NaN, so a tile holding a non-finite gradient is summed again by _nonfinite_segment_sums.
         b_seg = b_row[:, None] == b_row[None, :]
         if DOT_FP32:
             b_sum = tl.dot(b_seg.to(tl.float32), b_g.to(tl.float32), input_precision="ieee")
@@ -82,6 +81,27 @@ def _segment_sums(b_row, b_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC_
         b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
         _, b_sum = tl.associative_scan((b_key, b_g.to(ACC_DTYPE)), 0, _segmented_add)
     return b_sum
+
+
+@triton.jit
+def _nonfinite_segment_sums(b_row, b_g, DOT_FP32: tl.constexpr):
+    """The MMA's segment sums of a tile `b_g` [BLOCK_T, BLOCK_D] that holds an inf or a NaN, with the reference's
+    IEEE outcome per segment: NaN if it holds a NaN or both infinities, else its infinity, else its finite sum.
+    The finite values go through the mask product with the others zeroed; counts of +inf (code 1), -inf (64) and
+    NaN (4096) through a second one, exact in fp32 (at most 32 x 4096 + 32 x 64 + 32 < 2^24)."""
+    b_seg = b_row[:, None] == b_row[None, :]
+    b_f = b_g.to(tl.float32)
+    b_finite = tl.where(tl.abs(b_f) < float("inf"), b_f, 0.0)
+    b_code = tl.where(b_f == float("inf"), 1.0, tl.where(b_f == -float("inf"), 64.0, tl.where(b_f != b_f, 4096.0, 0.0)))
+    if DOT_FP32:
+        b_sum = tl.dot(b_seg.to(tl.float32), b_finite, input_precision="ieee")
+        b_count = tl.dot(b_seg.to(tl.float32), b_code, input_precision="ieee").to(tl.int32)
+    else:
+        b_sum = tl.dot(b_seg.to(b_g.dtype), b_finite.to(b_g.dtype), out_dtype=tl.float32)
+        b_count = tl.dot(b_seg.to(b_g.dtype), b_code.to(b_g.dtype), out_dtype=tl.float32).to(tl.int32)
+    pos, neg, nan = (b_count & 63) > 0, (b_count & 4095) >= 64, b_count >= 4096
+    b_sum = tl.where(pos, float("inf"), tl.where(neg, -float("inf"), b_sum))
+    return tl.where(nan | (pos & neg), float("nan"), b_sum)
 
 
 @triton.jit
@@ -137,6 +157,11 @@ def _scatter_sorted_kernel(
         m_g = (m_t & (b_row >= 0))[:, None] & m_d[None, :]
         b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_g, other=0.0)
         b_sum = _segment_sums(b_row, b_g, BLOCK_T, BLOCK_D, ACC_DTYPE, MMA, DOT_FP32)
+        if MMA:  # 0 x inf in the mask product would make other segments NaN: such a tile (an overflow) is redone.
+            if tl.max(tl.where(tl.abs(b_sum) < float("inf"), 0, 1)) > 0:
+                # Gathered again (rare): keeping the tile past the dot lost its vector loads (228 registers, 214 now).
+                b_g = tl.load(grad_out_ptr + b_tok[:, None] * D + o_d[None, :], mask=m_g, other=0.0)
+                b_sum = _nonfinite_segment_sums(b_row, b_g, DOT_FP32)
         b_sum += tl.where((b_row == carry_row)[:, None], b_carry[None, :], 0.0)
 
         # A segment ends where the next sorted row differs (or the chunk ends); its running sum is then complete
@@ -193,8 +218,8 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # `pema-sorted-<name>` times beside it so that one GPU run picks the default (bench/NOTES.md section 7): "16x128",
 # the scan with more programs in flight (128 / 116 registers: 4 per SM), and "mma32x128", the segment sum as a
 # [32, 32] 0/1 mask times the tile on tensor cores (bf16/fp16 only: an fp32 dot would round to TF32), whose gathers
-# the compiler pipelines (cp.async; 187 / 182 registers); it spreads a non-finite gradient to its tile's other rows
-# (see _segment_sums), which must be settled before it could be the default. 32 x 64 (139 on 3.9, 3 per SM) is not
+# the compiler pipelines (cp.async; 225 / 214 registers, 2 per SM), a tile holding an inf or NaN redone so that it
+# stays in its own row as in the reference (_nonfinite_segment_sums). 32 x 64 (139 on 3.9, 3 per SM) is not
 # a candidate.
 SORTED_TILES = {"32x128": (32, 128, False), "16x128": (16, 128, False), "mma32x128": (32, 128, True)}
 
