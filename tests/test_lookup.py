@@ -135,13 +135,15 @@ def test_the_sorted_backwards_candidate_tiles_equal_the_reference(monkeypatch, t
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's 0 x inf
-@pytest.mark.parametrize("tile, dtype", [("32x128", torch.bfloat16), ("16x128", torch.bfloat16),
+@pytest.mark.parametrize("tile, dtype", [pytest.param("32x128", torch.bfloat16, marks=pytest.mark.slow),
+                                         pytest.param("16x128", torch.bfloat16, marks=pytest.mark.slow),
                                          ("mma32x128", torch.bfloat16), ("mma32x128", torch.float16)])
 def test_the_sorted_backwards_tiles_keep_a_non_finite_gradient_in_its_own_row(tile, dtype):
     # An overflow's inf or NaN goes to its row only, as in the reference (a GradScaler reads the rest). The MMA's
     # mask product alone would spread it (0 x inf is NaN) to every segment of its tile and column: such a tile is
     # redone (kernels.lookup_backward._nonfinite_segment_sums). A lone +inf and -inf, both in one (hot, chunk-
-    # crossing) row, and a NaN in the ragged second column block.
+    # crossing) row, and a NaN in the ragged second column block. The scans' tiles (IEEE by construction, 6-7 s
+    # each under the interpreter) are in the slow tier.
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
     from pema_triton.ops.kernels import lookup_backward
