@@ -63,6 +63,15 @@ def _segmented_add(k_left, v_left, k_right, v_right):
 
 
 @triton.jit
+def _mask_product(b_seg, b_x, DOT_FP32: tl.constexpr):
+    """[BLOCK_T, BLOCK_D] fp32 product of a [BLOCK_T, BLOCK_T] 0/1 mask `b_seg` and a bf16/fp16 tile `b_x` on tensor
+    cores; in fp32 where DOT_FP32 (the interpreter's for bf16: its bf16 dot is garbage)."""
+    if DOT_FP32:
+        return tl.dot(b_seg.to(tl.float32), b_x.to(tl.float32), input_precision="ieee")
+    return tl.dot(b_seg.to(b_x.dtype), b_x, out_dtype=tl.float32)
+
+
+@triton.jit
 def _segment_sums(b_row, b_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   MMA: tl.constexpr, DOT_FP32: tl.constexpr):
     """[BLOCK_T, BLOCK_D] sums of a tile's gradient rows `b_g` by segment of equal sorted rows `b_row` [BLOCK_T]:
@@ -72,11 +81,7 @@ def _segment_sums(b_row, b_g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC_
         # Row i of the product sums the tile's rows of i's segment. Products of finite values by 0 or 1 are exact,
         # the sums fp32 in the tensor core's fixed order (bit-identical run to run, not IEEE round-to-nearest).
         # 0 x inf is NaN, so a tile holding a non-finite gradient is summed again by _nonfinite_segment_sums.
-        b_seg = b_row[:, None] == b_row[None, :]
-        if DOT_FP32:
-            b_sum = tl.dot(b_seg.to(tl.float32), b_g.to(tl.float32), input_precision="ieee")
-        else:
-            b_sum = tl.dot(b_seg.to(b_g.dtype), b_g, out_dtype=tl.float32)
+        b_sum = _mask_product(b_row[:, None] == b_row[None, :], b_g, DOT_FP32)
     else:
         b_key = tl.broadcast_to(b_row[:, None], (BLOCK_T, BLOCK_D))
         _, b_sum = tl.associative_scan((b_key, b_g.to(ACC_DTYPE)), 0, _segmented_add)
@@ -93,12 +98,9 @@ def _nonfinite_segment_sums(b_row, b_g, DOT_FP32: tl.constexpr):
     b_f = b_g.to(tl.float32)
     b_finite = tl.where(tl.abs(b_f) < float("inf"), b_f, 0.0)
     b_code = tl.where(b_f == float("inf"), 1.0, tl.where(b_f == -float("inf"), 64.0, tl.where(b_f != b_f, 4096.0, 0.0)))
-    if DOT_FP32:
-        b_sum = tl.dot(b_seg.to(tl.float32), b_finite, input_precision="ieee")
-        b_count = tl.dot(b_seg.to(tl.float32), b_code, input_precision="ieee").to(tl.int32)
-    else:
-        b_sum = tl.dot(b_seg.to(b_g.dtype), b_finite.to(b_g.dtype), out_dtype=tl.float32)
-        b_count = tl.dot(b_seg.to(b_g.dtype), b_code.to(b_g.dtype), out_dtype=tl.float32).to(tl.int32)
+    # Both exact in the gradient's dtype: its own finite values, and powers of two.
+    b_sum = _mask_product(b_seg, b_finite.to(b_g.dtype), DOT_FP32)
+    b_count = _mask_product(b_seg, b_code.to(b_g.dtype), DOT_FP32).to(tl.int32)
     pos, neg, nan = (b_count & 63) > 0, (b_count & 4095) >= 64, b_count >= 4096
     b_sum = tl.where(pos, float("inf"), tl.where(neg, -float("inf"), b_sum))
     return tl.where(nan | (pos & neg), float("nan"), b_sum)
