@@ -22,6 +22,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -217,6 +218,8 @@ def encoder_part(args, device, meter):
     print_table(f"Part 1: {name} on {data} ({args.train} train / {args.test} test)", runs,
                 "test accuracy", len(tokenizer), used.numel())
     print_deploy(deploy, tokenizer, test_x, test_y, args)
+    if args.deploy_dir is None:  # the demo's own temp folder (134 MB a run): nothing reads it after the table
+        shutil.rmtree(deploy["root"])
     return runs
 
 
@@ -229,7 +232,7 @@ def deploy_trimmed(args, model, tokenizer) -> dict:
     model.save_pretrained(full_dir)  # a compacted model saves full-vocabulary matrices
     tokenizer.save_pretrained(full_dir)
     kept = save_trimmed(model, tokenizer, trimmed_dir, overwrite=True)
-    return {"full": full_dir, "trimmed": trimmed_dir, "kept": kept}
+    return {"root": root, "full": full_dir, "trimmed": trimmed_dir, "kept": kept}
 
 
 def _folder_mib(folder) -> float:

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.slow  # the whole demo on real MiniLM and SmolLM2 (~90 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
 
-def test_demo_runs_and_pema_equals_its_baselines():
+def test_demo_runs_and_pema_equals_its_baselines(tmp_path):
     from helpers import real_assets
 
     real_assets.minilm_dir()  # skipped (or failing under PEMA_REQUIRE_ASSETS) without the offline assets
     args = ["--train", "32", "--test", "16", "--max-length", "64", "--lm-steps", "2", "--lm-seq-len", "32"]
     result = subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=900,
-                            env=os.environ.copy())
+                            env=os.environ | {"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "Triton kernels" in out or "PyTorch reference" in out
@@ -51,3 +51,4 @@ def test_demo_runs_and_pema_equals_its_baselines():
     assert float(trim_acc) == float(full_acc)
     assert float(trim_mib.replace(",", "")) < float(full_mib.replace(",", ""))
     assert int(trim_vocab.replace(",", "")) < int(full_vocab.replace(",", ""))
+    assert not list(tmp_path.glob("pema_deploy_*"))  # the demo's own copies (134 MB a run) are removed
